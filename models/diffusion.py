@@ -1,0 +1,84 @@
+"""The noise schedule and DDIM sampling (with eta and classifier-free guidance) of latent diffusion.
+
+Determinism: every sample owns a torch.Generator seeded from (seed, sample index), and all of its
+noise (the starting x_T and, with eta > 0, each step's noise) comes from that generator. The images
+for a given seed are therefore the same whatever the batch size or the number of processes.
+"""
+import numpy as np
+import torch
+
+
+def linear_alphas_cumprod(timesteps=1000, linear_start=0.0015, linear_end=0.0195):
+    """LDM's 'linear' schedule: linear in sqrt(beta), computed in float64 and stored as float32."""
+    betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2
+    alphas_cumprod = np.cumprod(1.0 - betas.numpy(), axis=0)
+    return torch.tensor(alphas_cumprod, dtype=torch.float32)
+
+
+def ddim_timesteps(steps, train_timesteps=1000):
+    """LDM's 'uniform' DDIM discretisation: 0, c, 2c, ... shifted by one (t = 1, 51, ... for 20 of 1000)."""
+    if not 1 <= steps <= train_timesteps:
+        raise ValueError(f"DDIM steps must be in 1..{train_timesteps}, got {steps}")
+    c = train_timesteps // steps
+    return np.arange(0, train_timesteps, c)[:steps] + 1
+
+
+class DDIM:
+    """The DDIM update of LDM's DDIMSampler. Step i (0-based, in sampling order) uses timestep
+    `timesteps[i]`, running from the noisiest to the cleanest."""
+
+    def __init__(self, alphas_cumprod, steps=20, eta=0.0):
+        ts = ddim_timesteps(steps, len(alphas_cumprod))
+        ac = alphas_cumprod.double()
+        a = ac[ts]
+        a_prev = torch.cat([ac[:1], ac[ts[:-1]]])
+        sigma = eta * torch.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        # sampling order: noisiest first
+        self.timesteps = torch.tensor(ts[::-1].copy())
+        self.alpha, self.alpha_prev, self.sigma = (v.flip(0).float() for v in (a, a_prev, sigma))
+        self.steps, self.eta = steps, eta
+
+    def step(self, x, eps, i, noise=None):
+        """x_t -> x_{t-1} given the model's eps; returns (x_prev, pred_x0)."""
+        a, a_prev, sigma = self.alpha[i], self.alpha_prev[i], self.sigma[i]
+        pred_x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        x_prev = a_prev.sqrt() * pred_x0 + (1 - a_prev - sigma ** 2).sqrt() * eps
+        if self.eta > 0:
+            x_prev = x_prev + sigma * noise
+        return x_prev, pred_x0
+
+
+def sample_generators(seed, indices):
+    """One generator per sample, seeded from the global seed and the sample's global index."""
+    return [torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i)) for i in indices]
+
+
+def randn_per_sample(generators, shape):
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
+def guided_eps(unet, x, t, context, uncond_context, guidance):
+    """Classifier-free guidance: eps_u + s * (eps_c - eps_u), with both halves in one batch."""
+    if context is None or uncond_context is None or guidance == 1.0:
+        return unet(x, t, context)
+    eps_u, eps_c = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond_context, context])).chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+@torch.no_grad()
+def ddim_sample(unet, ddim, x_T, context=None, uncond_context=None, guidance=1.0, generators=None,
+                progress=None):
+    """Runs the DDIM chain from x_T. If the model has `set_step(i)` (a quantized model keeps its
+    activation parameters per sampling step) it is told the step before each call."""
+    x = x_T
+    steps = range(ddim.steps) if progress is None else progress(range(ddim.steps))
+    for i in steps:
+        if hasattr(unet, "set_step"):
+            unet.set_step(i)
+        t = torch.full((x.shape[0],), int(ddim.timesteps[i]), device=x.device, dtype=torch.long)
+        eps = guided_eps(unet, x, t, context, uncond_context, guidance)
+        noise = None
+        if ddim.eta > 0:
+            noise = randn_per_sample(generators, x.shape[1:]).to(x.device, x.dtype)
+        x, _ = ddim.step(x, eps, i, noise)
+    return x
