@@ -1,0 +1,136 @@
+"""OMQ: outlier-driven intra-layer mixed precision, and the calibration of one quantized layer.
+
+For a layer at target n bits: rank the output channels of the smoothed weight W*s by kurtosis
+(outlier-heavy channels score high), give the top k channels n+1 bits and the bottom k channels n-1
+bits (so the layer's average stays exactly n), and choose k among multiples of a group size by the
+squared error of the layer's output, with activations quantized, on the calibration inputs.
+"""
+import torch
+import torch.nn as nn
+
+from models.quant import QuantLayer, range_search
+
+# layers that the official code keeps at W8A8 / in full precision (see layer_mode)
+W8A8_LAYERS = ("time_embed.0", "time_embed.2", "input_blocks.0.0", "out.2")
+
+
+def layer_mode(name, module, quantize_all=False):
+    """'w8a8' for the time-embedding MLP and the first and last convs, 'fp' for skip-connection and
+    downsampling convs (unless quantize_all), 'quant' for every other Conv/Linear of the UNet."""
+    if name in W8A8_LAYERS:
+        return "w8a8"
+    if not quantize_all and (name.endswith("skip_connection") or name.endswith(".op")):
+        return "fp"
+    return "quant"
+
+
+def wrap_unet(unet, wbits, abits, n_steps, quantize_all=False):
+    """Replaces every Conv1d/Conv2d/Linear of the UNet by a QuantLayer, in place; returns them by name."""
+    layers = {}
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            mode = layer_mode(name, module, quantize_all)
+            q = QuantLayer(module, mode, 8 if mode == "w8a8" else wbits, 8 if mode == "w8a8" else abits, n_steps)
+            parent_name, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent_name) if parent_name else unet, child, q)
+            layers[name] = q
+    return layers
+
+
+def kurtosis(w):
+    """Per output channel: fourth central moment over the squared variance."""
+    w = w.reshape(w.shape[0], -1).double()
+    d = w - w.mean(1, keepdim=True)
+    m2 = d.pow(2).mean(1)
+    return (d.pow(4).mean(1) / m2.pow(2).clamp(min=1e-30)).float()
+
+
+def split_bits(kurt, n, k):
+    """n+1 bits for the k highest-kurtosis channels, n-1 for the k lowest, n for the rest."""
+    bits = torch.full_like(kurt, n, dtype=torch.int8)
+    if k > 0:
+        order = torch.argsort(kurt, descending=True)
+        bits[order[:k]] = n + 1
+        bits[order[-k:]] = n - 1
+    return bits
+
+
+def split_candidates(out_channels, group_frac=0.1):
+    """0, g, 2g, ... channels at each end up to half the channels, g = out_channels * group_frac."""
+    g = int(out_channels * group_frac)
+    if g < 1:
+        return [0]
+    return list(range(0, out_channels // 2 + 1, g))
+
+
+def channel_absmax(layer, inputs):
+    """max |x_j| per input channel over all calibration inputs of the layer (dict step -> tensor)."""
+    conv = isinstance(layer, (nn.Conv1d, nn.Conv2d))
+    m = None
+    for x in inputs.values():
+        a = x.abs().transpose(0, 1).reshape(x.shape[1], -1) if conv else x.abs().reshape(-1, x.shape[-1]).t()
+        a = a.amax(1)
+        m = a if m is None else torch.maximum(m, a)
+    return m
+
+
+@torch.no_grad()
+def output_error(q, inputs, targets):
+    """Mean squared error of the quantized layer's output against full precision, over all steps."""
+    q.refresh()
+    err, count = 0.0, 0
+    for step, x in inputs.items():
+        q.step = step
+        err += (q(x) - targets[step]).pow(2).sum().item()
+        count += targets[step].numel()
+    q.w_q = None
+    return err / count
+
+
+@torch.no_grad()
+def calibrate_layer(q, inputs, method="omq", smooth=True, group_frac=0.1):
+    """Calibrates one QuantLayer on its full-precision inputs {step: tensor}: smoothing scale,
+    per-step activation ranges, and (mode 'quant') the bit split and weight ranges.
+    Returns a report dict."""
+    if q.mode == "fp":
+        return dict(mode="fp")
+    layer = q.layer
+    targets = {s: layer(x) for s, x in inputs.items()}
+    wbits = int(q.bits[0])
+    if q.mode == "quant" and smooth:
+        # s_j = sqrt(max|x_j| / max|W[:, j]|): moves activation outliers into the weights
+        w_max = layer.weight.abs().transpose(0, 1).reshape(layer.weight.shape[1], -1).amax(1)
+        s = (channel_absmax(layer, inputs) / w_max.clamp(min=1e-8)).sqrt()
+        q.smooth.copy_(torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s)).clamp(1e-4, 1e4))
+    # activations: one range per sampling step, searched on that step's (smoothed) inputs
+    qmax_a = 2.0 ** q.abits - 1
+    for step, x in inputs.items():
+        dim = 1 if isinstance(layer, (nn.Conv1d, nn.Conv2d)) else x.dim() - 1
+        view = [1] * x.dim()
+        view[dim] = -1
+        scale, zero = range_search(x / q.smooth.reshape(view), qmax_a, integer_zero=True)
+        q.a_scale[step], q.a_zero[step] = scale[0], zero[0]
+    w = q.smoothed_weight()
+    kurt = kurtosis(w)
+    candidates = split_candidates(w.shape[0], group_frac) if (q.mode == "quant" and method == "omq") else [0]
+    if wbits - 1 < 1:
+        candidates = [0]
+    best = None
+    errors = {}
+    for k in candidates:
+        bits = split_bits(kurt, wbits, k)
+        scale, zero = range_search(w, (2.0 ** bits.float()) - 1, dim=0)
+        q.bits.copy_(bits)
+        q.w_scale.copy_(scale)
+        q.w_zero.copy_(zero)
+        errors[k] = output_error(q, inputs, targets)
+        if best is None or errors[k] < errors[best[0]]:
+            best = (k, bits.clone(), scale.clone(), zero.clone())
+    k, bits, scale, zero = best
+    q.bits.copy_(bits)
+    q.w_scale.copy_(scale)
+    q.w_zero.copy_(zero)
+    return dict(mode=q.mode, wbits=wbits, abits=q.abits, out_channels=w.shape[0], split=k,
+                high=int((bits == wbits + 1).sum()), low=int((bits == wbits - 1).sum()),
+                mean_bits=bits.float().mean().item(), kurtosis_min=kurt.min().item(), kurtosis_max=kurt.max().item(),
+                mse_uniform=errors[0], mse_chosen=errors[k], candidates=len(candidates))

@@ -1,0 +1,153 @@
+"""Checkpoint files: plain torch.save dicts with a `format` tag, a format `version` and the config
+needed to rebuild the model, written atomically (a killed run never leaves a half-written file)."""
+import os
+from pathlib import Path
+
+import torch
+
+VERSION = 1
+FP_FORMAT = "mpq-dm/fp-model"
+
+
+def save_atomic(obj, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_file(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path} is not a readable torch checkpoint: {e}") from e
+
+
+def check_format(ckpt, path, *formats):
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt not in formats:
+        raise ValueError(f"{path} is a {fmt or 'foreign'} checkpoint; expected {' or '.join(formats)}")
+    if ckpt.get("version", 0) > VERSION:
+        raise ValueError(f"{path} has format version {ckpt['version']}; this code reads up to {VERSION}")
+
+
+def fp_checkpoint(model, **extra):
+    return dict(format=FP_FORMAT, version=VERSION, config=model.config, state_dict=model.state_dict(), **extra)
+
+
+def load_fp_model(path, config=None):
+    """A full-precision DiffusionModel from this project's checkpoint, or from an official
+    latent-diffusion checkpoint (`config`: a released model's name or YAML path; guessed from the
+    weights' shapes when not given)."""
+    from models.ldm import DiffusionModel, LDM_CONFIGS, UNET_PREFIX, load_ldm
+
+    ckpt = load_file(path)
+    if isinstance(ckpt, dict) and ckpt.get("format") == FP_FORMAT:
+        check_format(ckpt, path, FP_FORMAT)
+        model = DiffusionModel(ckpt["config"])
+        model.load_state_dict(ckpt["state_dict"])
+        return model.eval()
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
+    if not any(isinstance(k, str) and k.startswith(UNET_PREFIX) for k in sd):
+        fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+        raise ValueError(f"{path} is not a diffusion model checkpoint"
+                         + (f" (it is a {fmt} checkpoint)" if fmt else "")
+                         + ": expected this project's full-precision checkpoint or an official LDM model.ckpt")
+    if config is None:
+        config = guess_ldm_config(sd)
+        if config is None:
+            raise ValueError(f"{path}: its UNet matches none of {sorted(LDM_CONFIGS)}; pass its YAML config")
+    del ckpt, sd
+    return load_ldm(path, config)
+
+
+def guess_ldm_config(sd):
+    """The released config whose UNet has exactly these names and shapes, or None."""
+    from models.ldm import LDM_CONFIGS, UNET_PREFIX, DiffusionModel
+
+    found = {k: tuple(v.shape) for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+    for name, cfg in LDM_CONFIGS.items():
+        with torch.device("meta"):
+            unet = DiffusionModel(cfg).unet
+        if found == {UNET_PREFIX + k: tuple(v.shape) for k, v in unet.state_dict().items()}:
+            return name
+    return None
+
+
+QUANT_FORMAT = "mpq-dm/quantized"
+EMBED_FP_MAX_BYTES = 64 << 20  # larger FP models are referenced by path + sha256 instead of copied
+
+
+def sha256_file(path, chunk=1 << 22):
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fp_reference(model, path, config_arg=None):
+    """How a quantized checkpoint finds its full-precision model: a copy of the weights when small,
+    otherwise the path, the config argument and a content hash (checked on load)."""
+    path = Path(path)
+    if path.stat().st_size <= EMBED_FP_MAX_BYTES:
+        return dict(config=model.config, state_dict=model.state_dict())
+    return dict(config=model.config, path=str(path.resolve()), config_arg=config_arg, sha256=sha256_file(path))
+
+
+def load_fp_reference(ref):
+    from models.ldm import DiffusionModel
+
+    if "state_dict" in ref:
+        model = DiffusionModel(ref["config"])
+        model.load_state_dict(ref["state_dict"])
+        return model.eval()
+    path = Path(ref["path"])
+    if not path.is_file():
+        raise FileNotFoundError(f"the full-precision model of this checkpoint is not at {path}")
+    if sha256_file(path) != ref["sha256"]:
+        raise ValueError(f"{path} changed since quantization (sha256 differs)")
+    return load_fp_model(path, ref.get("config_arg"))
+
+
+def quant_checkpoint(fp_ref, qmodel, settings, **extra):
+    """qmodel: a DiffusionModel whose unet is a QuantUNet."""
+    from models.quant import quant_layers
+
+    return dict(format=QUANT_FORMAT, version=VERSION, fp=fp_ref, settings=settings,
+                modes={n: m.mode for n, m in quant_layers(qmodel.unet.unet).items()},
+                unet_state_dict=qmodel.unet.unet.state_dict(), **extra)
+
+
+def build_quant_model(fp_model, settings):
+    """A quantized copy of fp_model (sharing nothing with it) with the layers wrapped per settings."""
+    import copy
+
+    from models.allocate import wrap_unet
+    from models.quant import QuantUNet
+
+    qmodel = copy.deepcopy(fp_model)
+    wrap_unet(qmodel.unet, settings["wbits"], settings["abits"], settings["steps"], settings["quantize_all"])
+    qmodel.unet = QuantUNet(qmodel.unet)
+    return qmodel
+
+
+def load_quant_model(path):
+    """(fp_model, quantized model, checkpoint dict) from a quantize.py or distill.py checkpoint. The
+    fake-quantized weights are computed here, once."""
+    from models.quant import refresh_weights
+
+    ckpt = load_file(path)
+    check_format(ckpt, path, QUANT_FORMAT)
+    fp_model = load_fp_reference(ckpt["fp"])
+    qmodel = build_quant_model(fp_model, ckpt["settings"])
+    qmodel.unet.unet.load_state_dict(ckpt["unet_state_dict"])
+    with torch.no_grad():
+        refresh_weights(qmodel.unet)
+    return fp_model, qmodel.eval(), ckpt

@@ -1,0 +1,167 @@
+"""Fake quantization: uniform asymmetric quantizers and the quantized-layer wrapper.
+
+A QuantLayer wraps one Conv1d/Conv2d/Linear of the UNet and computes
+    y = layer(Q_a(x / s), Q_w((W + B A) * s))
+with
+  - s: a per-input-channel smoothing scale (1 when smoothing is off), so that without quantization
+    the layer computes exactly what it did;
+  - Q_w: per-output-channel asymmetric quantizer whose bit-width may differ per channel (OMQ);
+  - Q_a: asymmetric per-tensor quantizer with one (scale, zero-point) per DDIM sampling step;
+  - B A: an optional LoRA update (distill.py), merged into W before packing.
+The fake-quantized weight is computed by `refresh()` (once per training step, once at load) and
+cached; forward never requantizes it.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODES = ("quant", "w8a8", "fp")
+
+
+def round_ste(x):
+    """Round with a straight-through gradient."""
+    return (x.round() - x).detach() + x
+
+
+def fake_quant(x, scale, zero, qmax):
+    """Asymmetric uniform quantize-dequantize; scale, zero, qmax broadcast against x. The zero-point
+    is used as given: activations round theirs to an integer, weights keep a real one, which lets a
+    1-bit channel take the two levels {lo, hi} instead of {0, hi}."""
+    q = torch.clamp(round_ste(x / scale + zero), torch.zeros_like(qmax), qmax)
+    return (q - zero) * scale
+
+
+def quant_int(x, scale, zero, qmax):
+    """The integer codes of fake_quant (no gradient): what a packed checkpoint stores."""
+    return torch.clamp(torch.round(x / scale + zero), torch.zeros_like(qmax), qmax)
+
+
+def range_search(x, qmax, dim=None, grid=20, integer_zero=False):
+    """Scale and zero-point minimising the squared quantization error, over clipping ratios
+    alpha in (0, 1] of the [min, max] range (low bit-widths want tight clipping, plain min/max is
+    far from optimal at 2 bits). dim: reduce over all dims but this one (per-channel), or None
+    (per-tensor). qmax broadcasts against the per-channel statistics."""
+    rnd = torch.round if integer_zero else (lambda v: v)
+    flat = x.reshape(x.shape[0], -1) if dim == 0 else x.reshape(1, -1)
+    lo0 = flat.min(1).values.clamp(max=0)
+    hi0 = flat.max(1).values.clamp(min=0)
+    qmax = torch.as_tensor(qmax, dtype=x.dtype, device=x.device).reshape(-1).expand_as(lo0)
+    best_err = torch.full_like(lo0, float("inf"))
+    best_scale, best_zero = torch.ones_like(lo0), torch.zeros_like(lo0)
+    for alpha in torch.linspace(1.0, 1.0 / grid, grid).tolist():
+        lo, hi = lo0 * alpha, hi0 * alpha
+        scale = ((hi - lo) / qmax).clamp(min=1e-8)
+        zero = rnd(-lo / scale)
+        err = (fake_quant(flat, scale[:, None], zero[:, None], qmax[:, None]) - flat).pow(2).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+class QuantLayer(nn.Module):
+    """mode 'quant': weights at `bits` per output channel, activations at abits (per step);
+    'w8a8': 8-bit weights and activations (first/last conv, time embedding); 'fp': untouched."""
+
+    def __init__(self, layer, mode, wbits, abits, n_steps):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            raise TypeError(f"cannot quantize {type(layer).__name__}")
+        self.layer = layer.requires_grad_(False)
+        self.mode = mode
+        self.abits = abits
+        self.step = 0
+        self.w_q = None
+        out_ch, in_ch = layer.weight.shape[:2]
+        self.register_buffer("smooth", torch.ones(in_ch))
+        self.register_buffer("bits", torch.full((out_ch,), wbits, dtype=torch.int8))
+        self.w_scale = nn.Parameter(torch.ones(out_ch))
+        self.register_buffer("w_zero", torch.zeros(out_ch))
+        self.a_scale = nn.Parameter(torch.ones(n_steps))
+        self.a_zero = nn.Parameter(torch.zeros(n_steps))
+        self.lora_A = self.lora_B = None
+
+    # ---- weights
+    def _channel_view(self, v, ndim, dim):
+        shape = [1] * ndim
+        shape[dim] = -1
+        return v.reshape(shape)
+
+    def smoothed_weight(self):
+        """(W + BA) * s, s along the input-channel axis."""
+        w = self.layer.weight
+        if self.lora_A is not None:
+            w = w + (self.lora_B @ self.lora_A).reshape(w.shape)
+        return w * self._channel_view(self.smooth, w.dim(), 1)
+
+    def quant_weight(self):
+        w = self.smoothed_weight()
+        view = lambda v: self._channel_view(v, w.dim(), 0)
+        qmax = view((2 ** self.bits.float()) - 1)
+        return fake_quant(w, view(self.w_scale.abs().clamp(min=1e-8)), view(self.w_zero), qmax)
+
+    def refresh(self):
+        """Recompute the cached fake-quantized weight (with autograd if enabled)."""
+        self.w_q = None if self.mode == "fp" else self.quant_weight()
+
+    def add_lora(self, rank, generator=None):
+        w = self.layer.weight
+        fan_in = w[0].numel()
+        a = torch.randn(rank, fan_in, generator=generator) / fan_in ** 0.5
+        self.lora_A = nn.Parameter(a.to(w))
+        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device))
+
+    @torch.no_grad()
+    def merge_lora(self):
+        if self.lora_A is not None:
+            self.layer.weight += (self.lora_B @ self.lora_A).reshape(self.layer.weight.shape)
+            self.lora_A = self.lora_B = None
+        self.refresh()
+
+    # ---- activations
+    def quant_input(self, x):
+        dim = 1 if isinstance(self.layer, (nn.Conv1d, nn.Conv2d)) else x.dim() - 1
+        x = x / self._channel_view(self.smooth, x.dim(), dim)
+        scale = self.a_scale[self.step].abs().clamp(min=1e-8)
+        return fake_quant(x, scale, round_ste(self.a_zero[self.step]), torch.tensor(2.0 ** self.abits - 1, device=x.device))
+
+    def forward(self, x):
+        if self.mode == "fp":
+            return self.layer(x)
+        if self.w_q is None:
+            self.refresh()
+        x = self.quant_input(x)
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, self.w_q, self.layer.bias)
+        return self.layer._conv_forward(x, self.w_q, self.layer.bias)
+
+
+def quant_layers(module):
+    return {name: m for name, m in module.named_modules() if isinstance(m, QuantLayer)}
+
+
+def set_step(module, step):
+    for m in quant_layers(module).values():
+        m.step = step
+
+
+def refresh_weights(module):
+    for m in quant_layers(module).values():
+        m.refresh()
+
+
+class QuantUNet(nn.Module):
+    """A UNet whose Conv/Linear layers were replaced by QuantLayers (see models.allocate)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def set_step(self, step):
+        set_step(self.unet, step)
+
+    def forward(self, x, t, context=None):
+        return self.unet(x, t, context)

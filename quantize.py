@@ -1,0 +1,169 @@
+"""Quantizes a full-precision diffusion model with OMQ (outlier-driven mixed precision) or uniform
+bits, calibrated on the model's own DDIM trajectory. Writes a quantized checkpoint that distill.py
+and sample.py read, and a per-layer report (JSON) beside it.
+
+    python quantize.py --wbits 2 --abits 4                      # the embedded default, OMQ
+    python quantize.py --wbits 2 --abits 4 --method uniform     # the EfficientDM-style baseline
+    python quantize.py --ckpt model.ckpt --config cin256-v2 --guidance 3.0 --calib-samples 256
+
+Calibration: --calib-samples trajectories (random classes, guidance as in sampling) are run with
+the full-precision model; the UNet inputs (x_t, t, context) of every step are kept, then each layer's
+inputs are recorded from them, --calib-keep samples per step, a group of layers at a time so that
+at most --calib-mem-gb of activations are held.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from models.allocate import calibrate_layer
+from models.checkpoint import build_quant_model, fp_reference, load_fp_model, quant_checkpoint, save_atomic
+from models.diffusion import DDIM
+from models.digits import DEFAULT_CHECKPOINT
+from models.quant import quant_layers, refresh_weights
+from models.trajectory import eps_mse, trajectories
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--ckpt", type=Path, default=DEFAULT_CHECKPOINT, help="full-precision model (default: digits)")
+parser.add_argument("--config", default=None, help="official LDM checkpoints: name or YAML (guessed if omitted)")
+parser.add_argument("--wbits", type=int, default=2, help="target weight bits n (OMQ uses n-1, n, n+1)")
+parser.add_argument("--abits", type=int, default=4)
+parser.add_argument("--method", default="omq", help="omq (mixed precision by kurtosis) or uniform (baseline)")
+parser.add_argument("--smooth", choices=["auto", "on", "off"], default="auto",
+                    help="per-input-channel smoothing; auto = on for omq, off for uniform")
+parser.add_argument("--group-frac", type=float, default=0.1, help="OMQ split search step, fraction of channels")
+parser.add_argument("--quantize-all", action="store_true", help="also quantize skip-connection/downsample convs")
+parser.add_argument("--steps", type=int, default=20, help="DDIM steps the quantized model will sample with")
+parser.add_argument("--eta", type=float, default=0.0)
+parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance of the trajectories")
+parser.add_argument("--calib-samples", type=int, default=128, help="calibration trajectories")
+parser.add_argument("--calib-keep", type=int, default=32, help="UNet inputs per step used to calibrate layers")
+parser.add_argument("--calib-mem-gb", type=float, default=4.0, help="activation memory held while calibrating")
+parser.add_argument("--eval-samples", type=int, default=64, help="held-out trajectories for the eps-MSE check")
+parser.add_argument("--batch-size", type=int, default=64)
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+parser.add_argument("--out", type=Path, default=None, help="default runs/quant/w<n>a<m>_<method>.pt")
+args = parser.parse_args()
+if args.method not in ("omq", "uniform"):
+    parser.error(f"unknown --method {args.method!r}: use omq or uniform")
+if not 2 <= args.wbits <= 8:
+    parser.error(f"--wbits must be 2..8 (OMQ gives some channels n-1 bits, so n = 1 would leave 0 bits), got {args.wbits}")
+if not 2 <= args.abits <= 8:
+    parser.error(f"--abits must be 2..8, got {args.abits}")
+if min(args.calib_samples, args.calib_keep, args.eval_samples) < 1:
+    parser.error("--calib-samples, --calib-keep and --eval-samples must be positive")
+smooth = args.smooth == "on" or (args.smooth == "auto" and args.method == "omq")
+out_path = args.out or Path("runs/quant") / f"w{args.wbits}a{args.abits}_{args.method}.pt"
+device = torch.device(args.device)
+torch.manual_seed(args.seed)
+t_start = time.time()
+
+# ---- load the full-precision model
+try:
+    model = load_fp_model(args.ckpt, args.config).to(device)
+except (FileNotFoundError, ValueError) as e:
+    parser.error(str(e))
+ddim = DDIM(model.alphas_cumprod, steps=args.steps, eta=args.eta)
+
+
+# ---- 1. calibration data: UNet inputs of every step, --calib-keep of them per step
+keep = {i: [] for i in range(ddim.steps)}
+pick = torch.Generator().manual_seed(args.seed + 7)
+bar = tqdm(total=args.calib_samples * ddim.steps, desc="calibration trajectories")
+for i, traj in trajectories(model, ddim, args.calib_samples, args.batch_size, args.seed, args.guidance, device):
+    bx, bt, bc = traj.unet_inputs(i)
+    sel = torch.randperm(len(bx), generator=pick)[:max(1, args.calib_keep * len(traj.x) // args.calib_samples)]
+    keep[i].append((bx[sel].cpu(), bt[sel].cpu(), None if bc is None else bc[sel].cpu()))
+    bar.update(len(traj.x))
+bar.close()
+calib = {}
+for i, parts in keep.items():
+    xs, ts, cs = zip(*parts)
+    calib[i] = (torch.cat(xs)[:args.calib_keep], torch.cat(ts)[:args.calib_keep],
+                None if cs[0] is None else torch.cat(cs)[:args.calib_keep])
+
+# ---- 2. the quantized model, and the layers' full-precision inputs, a group at a time
+qmodel = build_quant_model(model, dict(wbits=args.wbits, abits=args.abits, steps=args.steps,
+                                       quantize_all=args.quantize_all))
+qlayers = quant_layers(qmodel.unet.unet)
+fp_modules = dict(model.unet.named_modules())
+
+
+def record_inputs(names):
+    """{name: {step: input tensor}} for the given FP layers over the calibration data."""
+    store = {n: {} for n in names}
+    hooks = [fp_modules[n].register_forward_hook(
+        lambda m, inp, out, n=n: store[n].__setitem__(current_step[0], inp[0].detach())) for n in names]
+    try:
+        for i, (x, t, c) in calib.items():
+            current_step[0] = i
+            with torch.no_grad():
+                model.unet(x.to(device), t.to(device), None if c is None else c.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return store
+
+
+current_step = [0]
+sizes = {}  # bytes of one layer's kept inputs over all steps, from one dry run
+x0, t0, c0 = calib[0]
+hooks = [fp_modules[n].register_forward_hook(lambda m, inp, out, n=n: sizes.__setitem__(n, inp[0][:1].numel() * 4))
+         for n in qlayers]
+with torch.no_grad():
+    model.unet(x0[:1].to(device), t0[:1].to(device), None if c0 is None else c0[:1].to(device))
+for h in hooks:
+    h.remove()
+budget = args.calib_mem_gb * 2 ** 30
+groups, group, used = [], [], 0
+for n in qlayers:
+    need = sizes[n] * args.calib_keep * ddim.steps
+    if group and used + need > budget:
+        groups.append(group)
+        group, used = [], 0
+    group.append(n)
+    used += need
+groups.append(group)
+
+report = {}
+bar = tqdm(total=len(qlayers), desc=f"calibrate ({args.method}, W{args.wbits}A{args.abits})")
+for group in groups:
+    inputs = record_inputs(group)
+    for n in group:
+        report[n] = calibrate_layer(qlayers[n], inputs[n], args.method, smooth, args.group_frac)
+        bar.update()
+    del inputs
+bar.close()
+refresh_weights(qmodel.unet)
+
+
+# ---- 3. check: one-step eps MSE against FP on held-out trajectories (another seed)
+mse = eps_mse(model, qmodel, ddim, args.eval_samples, args.batch_size, args.seed + 10_000, args.guidance, device)
+
+# ---- report and save
+rows = [(n, r) for n, r in report.items()]
+print(f"{'layer':48s} {'mode':5s} {'bits':>5s} {'split':>9s} {'kurtosis':>15s} {'mse uniform':>12s} {'mse chosen':>12s}")
+for n, r in rows:
+    if r["mode"] == "fp":
+        print(f"{n:48s} fp")
+        continue
+    split = f"{r['high']}/{r['low']}" if r["mode"] == "quant" else "-"
+    print(f"{n:48s} {r['mode']:5s} {r['mean_bits']:5.2f} {split:>9s} {r['kurtosis_min']:7.2f}-{r['kurtosis_max']:<7.2f} "
+          f"{r['mse_uniform']:12.4e} {r['mse_chosen']:12.4e}")
+mixed = [r for r in report.values() if r["mode"] == "quant"]
+print(f"{len(mixed)} layers at W{args.wbits}A{args.abits} ({sum(r['high'] > 0 for r in mixed)} mixed), "
+      f"{sum(r['mode'] == 'w8a8' for r in report.values())} at W8A8, {sum(r['mode'] == 'fp' for r in report.values())} in FP")
+print(f"eps MSE vs FP over {ddim.steps} steps on {args.eval_samples} held-out trajectories: {mse:.5f}")
+settings = dict(wbits=args.wbits, abits=args.abits, steps=args.steps, eta=args.eta, quantize_all=args.quantize_all,
+                method=args.method, smooth=smooth, group_frac=args.group_frac, guidance=args.guidance,
+                calib_samples=args.calib_samples, calib_keep=args.calib_keep, seed=args.seed)
+elapsed = time.time() - t_start
+save_atomic(quant_checkpoint(fp_reference(model.cpu(), args.ckpt, args.config), qmodel.cpu(), settings,
+                             report=report, eps_mse=mse, source=str(args.ckpt)), out_path)
+json_path = out_path.with_suffix(".json")
+json_path.write_text(json.dumps(dict(settings=settings, eps_mse=mse, seconds=elapsed, layers=report), indent=1))
+print(f"wrote {out_path} and {json_path} in {elapsed:.0f} s")

@@ -1,0 +1,59 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoint import fp_checkpoint, save_atomic
+from models.digits import DIGITS_CONFIG
+from models.ldm import DiffusionModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script, *args, check=True):
+    """Runs one of the top-level scripts as a user would; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def random_digits_model(seed=0):
+    """The embedded default's architecture with every weight random (no zero-initialised output
+    layers), so that quantization has something to get wrong."""
+    torch.manual_seed(seed)
+    model = DiffusionModel(DIGITS_CONFIG)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
+            elif name.endswith("weight") and "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def fp_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fp") / "fp.pt"
+    save_atomic(fp_checkpoint(random_digits_model()), path)
+    return path
+
+
+# small settings for the scripts: a few seconds each
+QUICK = ["--steps", 4, "--calib-samples", 8, "--calib-keep", 4, "--eval-samples", 4, "--batch-size", 8]
+
+
+@pytest.fixture(scope="session")
+def quant_ckpts(fp_ckpt, tmp_path_factory):
+    """quantize.py run end to end on the random model, OMQ and uniform, at W2A4."""
+    out = tmp_path_factory.mktemp("quant")
+    paths = {}
+    for method in ("omq", "uniform"):
+        paths[method] = out / f"{method}.pt"
+        run_script("quantize.py", "--ckpt", fp_ckpt, "--method", method, "--out", paths[method], *QUICK)
+    return paths

@@ -1,0 +1,147 @@
+"""quantize.py and models/quant.py, models/allocate.py: OMQ allocation and calibration."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from models.allocate import calibrate_layer, kurtosis, split_bits, split_candidates
+from models.checkpoint import build_quant_model, load_quant_model, quant_checkpoint, save_atomic
+from models.diffusion import DDIM, ddim_sample
+from models.quant import QuantLayer, fake_quant, quant_layers, range_search, refresh_weights
+from tests.conftest import QUICK, random_digits_model, run_script
+
+
+def planted_layer(seed=0):
+    """A Linear layer of 40 output channels: 4 with one large outlier weight (high kurtosis), 4 nearly
+    binary (+-1, kurtosis ~1: one bit loses little), the rest Gaussian."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(40, 64, generator=g)
+    w[:4, 0] = 12.0
+    w[4:8] = torch.sign(torch.randn(4, 64, generator=g)) + 0.01 * torch.randn(4, 64, generator=g)
+    layer = nn.Linear(64, 40)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    inputs = {s: torch.randn(256, 64, generator=g) * (1 + s) for s in range(3)}
+    return layer, inputs
+
+
+def calibrated(method, n=2, seed=0):
+    layer, inputs = planted_layer(seed)
+    q = QuantLayer(layer, "quant", n, 8, n_steps=3)
+    report = calibrate_layer(q, inputs, method=method, smooth=False)
+    return q, report
+
+
+def test_planted_outliers_get_more_bits_and_lower_error():
+    q, report = calibrated("omq")
+    _, uniform = calibrated("uniform")
+    assert report["split"] > 0
+    assert report["mse_chosen"] < uniform["mse_chosen"]
+    # the outlier channels got n+1 bits, the near-binary ones n-1
+    assert (q.bits[:4] == 3).all() and (q.bits[4:8] == 1).all()
+    assert q.bits.float().mean().item() == 2.0
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_split_keeps_average_exactly_n_and_follows_kurtosis(n):
+    kurt = torch.rand(37, generator=torch.Generator().manual_seed(n)) * 10
+    for k in split_candidates(37):
+        bits = split_bits(kurt, n, k)
+        assert bits.float().mean().item() == n
+        if k:
+            assert bits[kurt.argmax()] == n + 1 and bits[kurt.argmin()] == n - 1
+            # every n+1 channel has higher kurtosis than every n-1 channel
+            assert kurt[bits == n + 1].min() > kurt[bits == n - 1].max()
+    assert split_candidates(37) == [0, 3, 6, 9, 12, 15, 18]
+
+
+def test_kurtosis_ranks_outliers_high():
+    w = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
+    w[1, 0] = 50.0
+    w[2] = torch.rand(1000) * 2 - 1  # uniform: kurtosis 1.8
+    k = kurtosis(w)
+    assert k[1] > k[0] > k[2]
+    assert abs(k[0].item() - 3.0) < 0.5 and abs(k[2].item() - 1.8) < 0.2
+
+
+def test_range_search_beats_min_max_at_two_bits():
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(0))
+    qmax = torch.full((16,), 3.0)
+    scale, zero = range_search(w, qmax, dim=0)
+    err = (fake_quant(w, scale[:, None], zero[:, None], qmax[:, None]) - w).pow(2).mean()
+    lo, hi = w.min(1).values, w.max(1).values
+    s0 = (hi - lo) / 3
+    err_minmax = (fake_quant(w, s0[:, None], (-lo / s0)[:, None], qmax[:, None]) - w).pow(2).mean()
+    assert err < 0.7 * err_minmax
+
+
+def test_activation_ranges_are_per_step():
+    q, _ = calibrated("uniform")
+    assert len(set(q.a_scale.tolist())) == 3  # the three steps' inputs differ in scale
+    x = torch.randn(8, 64) * 3
+    q.refresh()
+    q.step = 0
+    y0 = q(x)
+    q.step = 2
+    assert not torch.equal(y0, q(x))
+
+
+def test_quantize_script_end_to_end(quant_ckpts):
+    for method, path in quant_ckpts.items():
+        report = json.loads(path.with_suffix(".json").read_text())
+        layers = report["layers"]
+        assert report["settings"]["method"] == method
+        for name, r in layers.items():
+            if r["mode"] == "quant":
+                assert r["mean_bits"] == 2.0, name  # exactly n on average, mixed or not
+                assert r["mse_chosen"] <= r["mse_uniform"]
+                if method == "uniform":
+                    assert r["high"] == r["low"] == 0
+        assert {r["mode"] for r in layers.values()} == {"quant", "w8a8", "fp"}
+        assert layers["input_blocks.0.0"]["mode"] == "w8a8" and layers["out.2"]["mode"] == "w8a8"
+        fp_model, qmodel, ckpt = load_quant_model(path)
+        # per-step activation parameters differ between steps for the quantized layers
+        varying = [n for n, m in quant_layers(qmodel.unet).items()
+                   if m.mode == "quant" and len(set(m.a_scale.tolist())) > 1]
+        assert len(varying) > 0.9 * sum(m.mode == "quant" for m in quant_layers(qmodel.unet).values())
+        assert ckpt["eps_mse"] > 0
+
+
+def test_save_load_round_trip_is_exact(quant_ckpts, tmp_path):
+    fp_model, qmodel, ckpt = load_quant_model(quant_ckpts["omq"])
+    path = tmp_path / "again.pt"
+    save_atomic(quant_checkpoint(ckpt["fp"], qmodel, ckpt["settings"]), path)
+    _, again, _ = load_quant_model(path)
+    x = torch.randn(4, 1, 8, 8)
+    t = torch.tensor([1, 300, 600, 999])
+    ctx, _ = fp_model.context(torch.tensor([0, 3, 5, 10]))
+    for step in (0, 3):
+        qmodel.unet.set_step(step)
+        again.unet.set_step(step)
+        with torch.no_grad():
+            assert torch.equal(qmodel.unet(x, t, ctx), again.unet(x, t, ctx))
+
+
+def test_sampling_never_requantizes_weights(quant_ckpts, monkeypatch):
+    fp_model, qmodel, ckpt = load_quant_model(quant_ckpts["omq"])
+    calls = []
+    monkeypatch.setattr(QuantLayer, "quant_weight", lambda self: calls.append(1))
+    ddim = DDIM(fp_model.alphas_cumprod, steps=4)
+    ctx, uctx = fp_model.context(torch.arange(4))
+    ddim_sample(qmodel.unet, ddim, torch.randn(4, 1, 8, 8), ctx, uctx, guidance=2.0)
+    assert calls == []
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--wbits", "1"], "n = 1 would leave 0 bits"),
+    (["--wbits", "9"], "--wbits must be 2..8"),
+    (["--abits", "1"], "--abits must be 2..8"),
+    (["--method", "mixed"], "unknown --method 'mixed'"),
+    (["--ckpt", "checkpoints/digits_classifier.pt"], "not a diffusion model checkpoint"),
+    (["--ckpt", "no/such/file.pt"], "no checkpoint at no/such/file.pt"),
+])
+def test_bad_input_is_refused_clearly(flags, message):
+    proc = run_script("quantize.py", *flags, *QUICK, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
