@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from models.allocate import calibrate_layer
-from models.checkpoint import build_quant_model, fp_reference, load_fp_model, quant_checkpoint, save_atomic
+from models.checkpoint import build_quant_model, fp_reference, load_fp_model, quant_checkpoint, save_atomic, write_packed
 from models.diffusion import DDIM
 from models.digits import DEFAULT_CHECKPOINT
 from models.quant import quant_layers, refresh_weights
@@ -32,8 +32,9 @@ parser.add_argument("--config", default=None, help="official LDM checkpoints: na
 parser.add_argument("--wbits", type=int, default=2, help="target weight bits n (OMQ uses n-1, n, n+1)")
 parser.add_argument("--abits", type=int, default=4)
 parser.add_argument("--method", default="omq", help="omq (mixed precision by kurtosis) or uniform (baseline)")
-parser.add_argument("--smooth", choices=["auto", "on", "off"], default="auto",
-                    help="per-input-channel smoothing; auto = on for omq, off for uniform")
+parser.add_argument("--smooth", choices=["search", "on", "off"], default=None,
+                    help="per-input-channel smoothing s = sqrt(max|x| / max|W|): on, off, or search (per layer, "
+                         "kept where it lowers the layer's output error). Default: search for omq, off for uniform")
 parser.add_argument("--group-frac", type=float, default=0.1, help="OMQ split search step, fraction of channels")
 parser.add_argument("--quantize-all", action="store_true", help="also quantize skip-connection/downsample convs")
 parser.add_argument("--steps", type=int, default=20, help="DDIM steps the quantized model will sample with")
@@ -45,6 +46,7 @@ parser.add_argument("--calib-mem-gb", type=float, default=4.0, help="activation 
 parser.add_argument("--eval-samples", type=int, default=64, help="held-out trajectories for the eps-MSE check")
 parser.add_argument("--batch-size", type=int, default=64)
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--pack", action="store_true", help="also write <out>.packed.pt: weights bit-packed at their bit-widths")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 parser.add_argument("--out", type=Path, default=None, help="default runs/quant/w<n>a<m>_<method>.pt")
 args = parser.parse_args()
@@ -56,7 +58,8 @@ if not 2 <= args.abits <= 8:
     parser.error(f"--abits must be 2..8, got {args.abits}")
 if min(args.calib_samples, args.calib_keep, args.eval_samples) < 1:
     parser.error("--calib-samples, --calib-keep and --eval-samples must be positive")
-smooth = args.smooth == "on" or (args.smooth == "auto" and args.method == "omq")
+smooth = args.smooth or ("search" if args.method == "omq" else "off")
+smooth_alphas = {"on": (0.5,), "off": (0.0,), "search": (0.0, 0.5)}[smooth]
 out_path = args.out or Path("runs/quant") / f"w{args.wbits}a{args.abits}_{args.method}.pt"
 device = torch.device(args.device)
 torch.manual_seed(args.seed)
@@ -134,7 +137,7 @@ bar = tqdm(total=len(qlayers), desc=f"calibrate ({args.method}, W{args.wbits}A{a
 for group in groups:
     inputs = record_inputs(group)
     for n in group:
-        report[n] = calibrate_layer(qlayers[n], inputs[n], args.method, smooth, args.group_frac)
+        report[n] = calibrate_layer(qlayers[n], inputs[n], args.method, smooth_alphas, args.group_frac)
         bar.update()
     del inputs
 bar.close()
@@ -146,24 +149,30 @@ mse = eps_mse(model, qmodel, ddim, args.eval_samples, args.batch_size, args.seed
 
 # ---- report and save
 rows = [(n, r) for n, r in report.items()]
-print(f"{'layer':48s} {'mode':5s} {'bits':>5s} {'split':>9s} {'kurtosis':>15s} {'mse uniform':>12s} {'mse chosen':>12s}")
+print(f"{'layer':48s} {'mode':5s} {'bits':>5s} {'+1/-1':>9s} {'smooth':>6s} {'kurtosis':>15s} {'mse uniform':>12s} "
+      f"{'mse chosen':>12s}")
 for n, r in rows:
     if r["mode"] == "fp":
         print(f"{n:48s} fp")
         continue
     split = f"{r['high']}/{r['low']}" if r["mode"] == "quant" else "-"
-    print(f"{n:48s} {r['mode']:5s} {r['mean_bits']:5.2f} {split:>9s} {r['kurtosis_min']:7.2f}-{r['kurtosis_max']:<7.2f} "
+    print(f"{n:48s} {r['mode']:5s} {r['mean_bits']:5.2f} {split:>9s} {'yes' if r['smooth_alpha'] else 'no':>6s} "
+          f"{r['kurtosis_min']:7.2f}-{r['kurtosis_max']:<7.2f} "
           f"{r['mse_uniform']:12.4e} {r['mse_chosen']:12.4e}")
 mixed = [r for r in report.values() if r["mode"] == "quant"]
-print(f"{len(mixed)} layers at W{args.wbits}A{args.abits} ({sum(r['high'] > 0 for r in mixed)} mixed), "
+print(f"{len(mixed)} layers at W{args.wbits}A{args.abits} ({sum(r['high'] > 0 for r in mixed)} mixed, "
+      f"{sum(r['smooth_alpha'] > 0 for r in mixed)} smoothed), "
       f"{sum(r['mode'] == 'w8a8' for r in report.values())} at W8A8, {sum(r['mode'] == 'fp' for r in report.values())} in FP")
 print(f"eps MSE vs FP over {ddim.steps} steps on {args.eval_samples} held-out trajectories: {mse:.5f}")
 settings = dict(wbits=args.wbits, abits=args.abits, steps=args.steps, eta=args.eta, quantize_all=args.quantize_all,
                 method=args.method, smooth=smooth, group_frac=args.group_frac, guidance=args.guidance,
                 calib_samples=args.calib_samples, calib_keep=args.calib_keep, seed=args.seed)
 elapsed = time.time() - t_start
-save_atomic(quant_checkpoint(fp_reference(model.cpu(), args.ckpt, args.config), qmodel.cpu(), settings,
-                             report=report, eps_mse=mse, source=str(args.ckpt)), out_path)
+ckpt = quant_checkpoint(fp_reference(model.cpu(), args.ckpt, args.config), qmodel.cpu(), settings,
+                        report=report, eps_mse=mse, source=str(args.ckpt))
+save_atomic(ckpt, out_path)
+if args.pack:
+    write_packed(ckpt, qmodel, out_path.with_suffix(".packed.pt"))
 json_path = out_path.with_suffix(".json")
 json_path.write_text(json.dumps(dict(settings=settings, eps_mse=mse, seconds=elapsed, layers=report), indent=1))
 print(f"wrote {out_path} and {json_path} in {elapsed:.0f} s")

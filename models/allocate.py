@@ -87,50 +87,62 @@ def output_error(q, inputs, targets):
     return err / count
 
 
+def smoothing_scale(layer, inputs, alpha):
+    """s_j = (max|x_j| / max|W[:, j]|) ** alpha per input channel j (alpha 0.5 is the OMQ rule, the
+    square root; 0 turns smoothing off): moves activation outliers into the weights."""
+    w_max = layer.weight.abs().transpose(0, 1).reshape(layer.weight.shape[1], -1).amax(1)
+    s = (channel_absmax(layer, inputs) / w_max.clamp(min=1e-8)) ** alpha
+    return torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s)).clamp(1e-4, 1e4)
+
+
+def _calibrate_activations(q, inputs):
+    """One activation range per sampling step, searched on that step's smoothed inputs."""
+    qmax_a = 2.0 ** q.abits - 1
+    for step, x in inputs.items():
+        dim = 1 if isinstance(q.layer, (nn.Conv1d, nn.Conv2d)) else x.dim() - 1
+        view = [1] * x.dim()
+        view[dim] = -1
+        scale, zero = range_search(x / q.smooth.reshape(view), qmax_a, integer_zero=True)
+        q.a_scale[step], q.a_zero[step] = scale[0], zero[0]
+
+
 @torch.no_grad()
-def calibrate_layer(q, inputs, method="omq", smooth=True, group_frac=0.1):
+def calibrate_layer(q, inputs, method="omq", smooth_alphas=(0.5,), group_frac=0.1):
     """Calibrates one QuantLayer on its full-precision inputs {step: tensor}: smoothing scale,
-    per-step activation ranges, and (mode 'quant') the bit split and weight ranges.
-    Returns a report dict."""
+    per-step activation ranges, and (mode 'quant') the bit split and weight ranges. Every
+    combination of smoothing strength (smooth_alphas) and split (OMQ: 0, g, 2g, ... channels at
+    each end) is scored by the layer's output error with weights and activations quantized; the
+    best is kept. Returns a report dict."""
     if q.mode == "fp":
         return dict(mode="fp")
     layer = q.layer
     targets = {s: layer(x) for s, x in inputs.items()}
     wbits = int(q.bits[0])
-    if q.mode == "quant" and smooth:
-        # s_j = sqrt(max|x_j| / max|W[:, j]|): moves activation outliers into the weights
-        w_max = layer.weight.abs().transpose(0, 1).reshape(layer.weight.shape[1], -1).amax(1)
-        s = (channel_absmax(layer, inputs) / w_max.clamp(min=1e-8)).sqrt()
-        q.smooth.copy_(torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s)).clamp(1e-4, 1e4))
-    # activations: one range per sampling step, searched on that step's (smoothed) inputs
-    qmax_a = 2.0 ** q.abits - 1
-    for step, x in inputs.items():
-        dim = 1 if isinstance(layer, (nn.Conv1d, nn.Conv2d)) else x.dim() - 1
-        view = [1] * x.dim()
-        view[dim] = -1
-        scale, zero = range_search(x / q.smooth.reshape(view), qmax_a, integer_zero=True)
-        q.a_scale[step], q.a_zero[step] = scale[0], zero[0]
-    w = q.smoothed_weight()
-    kurt = kurtosis(w)
-    candidates = split_candidates(w.shape[0], group_frac) if (q.mode == "quant" and method == "omq") else [0]
-    if wbits - 1 < 1:
-        candidates = [0]
-    best = None
-    errors = {}
-    for k in candidates:
-        bits = split_bits(kurt, wbits, k)
-        scale, zero = range_search(w, (2.0 ** bits.float()) - 1, dim=0)
-        q.bits.copy_(bits)
-        q.w_scale.copy_(scale)
-        q.w_zero.copy_(zero)
-        errors[k] = output_error(q, inputs, targets)
-        if best is None or errors[k] < errors[best[0]]:
-            best = (k, bits.clone(), scale.clone(), zero.clone())
-    k, bits, scale, zero = best
-    q.bits.copy_(bits)
-    q.w_scale.copy_(scale)
-    q.w_zero.copy_(zero)
-    return dict(mode=q.mode, wbits=wbits, abits=q.abits, out_channels=w.shape[0], split=k,
-                high=int((bits == wbits + 1).sum()), low=int((bits == wbits - 1).sum()),
+    if q.mode != "quant":
+        smooth_alphas = (0.0,)
+    split = q.mode == "quant" and method == "omq" and wbits > 1
+    best, errors_uniform = None, {}
+    for alpha in smooth_alphas:
+        q.smooth.copy_(smoothing_scale(layer, inputs, alpha) if alpha else torch.ones_like(q.smooth))
+        _calibrate_activations(q, inputs)
+        w = q.smoothed_weight()
+        kurt = kurtosis(w)
+        for k in split_candidates(w.shape[0], group_frac) if split else [0]:
+            bits = split_bits(kurt, wbits, k)
+            scale, zero = range_search(w, (2.0 ** bits.float()) - 1, dim=0)
+            q.bits.copy_(bits)
+            q.w_scale.copy_(scale)
+            q.w_zero.copy_(zero)
+            err = output_error(q, inputs, targets)
+            if k == 0:
+                errors_uniform[alpha] = err
+            if best is None or err < best["err"]:
+                best = dict(err=err, alpha=alpha, k=k, kurt=kurt, state={n: t.clone() for n, t in q.state_dict().items()
+                                                                          if not n.startswith("layer.")})
+    q.load_state_dict(best["state"], strict=False)
+    q.round_params()
+    bits, kurt = q.bits, best["kurt"]
+    return dict(mode=q.mode, wbits=wbits, abits=q.abits, out_channels=len(bits), split=best["k"],
+                smooth_alpha=best["alpha"], high=int((bits == wbits + 1).sum()), low=int((bits == wbits - 1).sum()),
                 mean_bits=bits.float().mean().item(), kurtosis_min=kurt.min().item(), kurtosis_max=kurt.max().item(),
-                mse_uniform=errors[0], mse_chosen=errors[k], candidates=len(candidates))
+                mse_uniform=errors_uniform[smooth_alphas[0]], mse_chosen=best["err"])

@@ -39,13 +39,13 @@ def fp_checkpoint(model, **extra):
     return dict(format=FP_FORMAT, version=VERSION, config=model.config, state_dict=model.state_dict(), **extra)
 
 
-def load_fp_model(path, config=None):
+def load_fp_model(path, config=None, ckpt=None):
     """A full-precision DiffusionModel from this project's checkpoint, or from an official
     latent-diffusion checkpoint (`config`: a released model's name or YAML path; guessed from the
     weights' shapes when not given)."""
     from models.ldm import DiffusionModel, LDM_CONFIGS, UNET_PREFIX, load_ldm
 
-    ckpt = load_file(path)
+    ckpt = load_file(path) if ckpt is None else ckpt
     if isinstance(ckpt, dict) and ckpt.get("format") == FP_FORMAT:
         check_format(ckpt, path, FP_FORMAT)
         model = DiffusionModel(ckpt["config"])
@@ -61,8 +61,7 @@ def load_fp_model(path, config=None):
         config = guess_ldm_config(sd)
         if config is None:
             raise ValueError(f"{path}: its UNet matches none of {sorted(LDM_CONFIGS)}; pass its YAML config")
-    del ckpt, sd
-    return load_ldm(path, config)
+    return load_ldm(path, config, ckpt)
 
 
 def guess_ldm_config(sd):
@@ -134,16 +133,16 @@ def build_quant_model(fp_model, settings):
 
     qmodel = copy.deepcopy(fp_model)
     wrap_unet(qmodel.unet, settings["wbits"], settings["abits"], settings["steps"], settings["quantize_all"])
-    qmodel.unet = QuantUNet(qmodel.unet)
+    qmodel.unet = QuantUNet(qmodel.unet, settings)
     return qmodel
 
 
-def load_quant_model(path):
+def load_quant_model(path, ckpt=None):
     """(fp_model, quantized model, checkpoint dict) from a quantize.py or distill.py checkpoint. The
     fake-quantized weights are computed here, once."""
     from models.quant import refresh_weights
 
-    ckpt = load_file(path)
+    ckpt = load_file(path) if ckpt is None else ckpt
     check_format(ckpt, path, QUANT_FORMAT)
     fp_model = load_fp_reference(ckpt["fp"])
     qmodel = build_quant_model(fp_model, ckpt["settings"])
@@ -151,3 +150,59 @@ def load_quant_model(path):
     with torch.no_grad():
         refresh_weights(qmodel.unet)
     return fp_model, qmodel.eval(), ckpt
+
+
+def packed_checkpoint(qckpt, qmodel):
+    """A quantize.py/distill.py checkpoint's model with its weights bit-packed (models.pack)."""
+    from models.pack import PACKED_FORMAT, pack_model
+
+    return dict(format=PACKED_FORMAT, version=VERSION, config=qmodel.config, settings=qckpt["settings"],
+                modes=qckpt["modes"], packed=pack_model(qmodel), distill=qckpt.get("distill"))
+
+
+def load_packed_model(path, ckpt=None):
+    """The quantized model of a packed checkpoint, its weights unpacked once (a packed layer keeps
+    the dequantized weight as is: `frozen`)."""
+    from models.allocate import wrap_unet
+    from models.ldm import DiffusionModel
+    from models.pack import PACKED_FORMAT, unpack_model
+    from models.quant import QuantUNet, quant_layers, refresh_weights
+
+    ckpt = load_file(path) if ckpt is None else ckpt
+    check_format(ckpt, path, PACKED_FORMAT)
+    s = ckpt["settings"]
+    with torch.device("meta"):
+        model = DiffusionModel(ckpt["config"])
+        wrap_unet(model.unet, s["wbits"], s["abits"], s["steps"], s["quantize_all"])
+        model.unet = QuantUNet(model.unet, s)
+    layers = quant_layers(model.unet.unet)
+    for name in ckpt["packed"]["layers"]:
+        layers[name].frozen = True
+    model.load_state_dict(unpack_model(ckpt["packed"]), assign=True)
+    with torch.no_grad():
+        refresh_weights(model.unet)
+    return model.eval(), ckpt
+
+
+def load_sampling_model(path, config=None):
+    """Any checkpoint sample.py takes: full precision (this project's or an official LDM one),
+    quantize.py / distill.py output, or packed. Returns (model, kind)."""
+    from models.pack import PACKED_FORMAT
+
+    ckpt = load_file(path)
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt == QUANT_FORMAT:
+        return load_quant_model(path, ckpt)[1], "quantized"
+    if fmt == PACKED_FORMAT:
+        return load_packed_model(path, ckpt)[0], "packed"
+    return load_fp_model(path, config, ckpt), "full precision"
+
+
+def write_packed(qckpt, qmodel, path):
+    """Writes the packed checkpoint and prints its size against the FP32 weights."""
+    from models.pack import fp32_bytes
+
+    save_atomic(packed_checkpoint(qckpt, qmodel), path)
+    size, ref = Path(path).stat().st_size, fp32_bytes(qmodel)
+    print(f"wrote {path}: {size / 1e3:.1f} kB, {100 * size / ref:.1f}% of the {ref / 1e3:.1f} kB of FP32 weights")
+    return size

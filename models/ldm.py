@@ -197,13 +197,15 @@ def official_state_dict(sd, model, config_name="the given config"):
     return out, (None if scale_factor is None else float(scale_factor))
 
 
-def load_ldm(ckpt_path, config):
+def load_ldm(ckpt_path, config, ckpt=None):
     """Loads an official latent-diffusion checkpoint (a Lightning .ckpt with weights under
     'state_dict', or a bare state_dict) into a DiffusionModel. `config` is a released model's name
-    ('cin256-v2', 'lsun_beds256', 'lsun_churches256'), an official YAML path, or a config dict."""
+    ('cin256-v2', 'lsun_beds256', 'lsun_churches256'), an official YAML path, or a config dict.
+    `ckpt`: the file's contents when the caller has already read it."""
     name = config if isinstance(config, str) else "the given config"
     config = resolve_config(config)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if ckpt is None:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not any(k.startswith(UNET_PREFIX) for k in sd):
         raise ValueError(f"{ckpt_path} is not a latent-diffusion checkpoint: no '{UNET_PREFIX}*' weights found")

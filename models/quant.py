@@ -75,6 +75,7 @@ class QuantLayer(nn.Module):
         self.abits = abits
         self.step = 0
         self.w_q = None
+        self.frozen = False  # a packed layer: layer.weight already holds the dequantized weight
         out_ch, in_ch = layer.weight.shape[:2]
         self.register_buffer("smooth", torch.ones(in_ch))
         self.register_buffer("bits", torch.full((out_ch,), wbits, dtype=torch.int8))
@@ -105,7 +106,18 @@ class QuantLayer(nn.Module):
 
     def refresh(self):
         """Recompute the cached fake-quantized weight (with autograd if enabled)."""
-        self.w_q = None if self.mode == "fp" else self.quant_weight()
+        if self.mode == "fp":
+            self.w_q = None
+        else:
+            self.w_q = self.layer.weight if self.frozen else self.quant_weight()
+
+    @torch.no_grad()
+    def round_params(self):
+        """Rounds the quantizer parameters to float16-representable values, which is how a packed
+        checkpoint stores them: the model then computes with exactly what the file holds."""
+        for t in (self.w_scale, self.w_zero, self.a_scale, self.a_zero, self.smooth):
+            t.copy_(t.half().float())
+        self.w_q = None
 
     def add_lora(self, rank, generator=None):
         w = self.layer.weight
@@ -156,9 +168,10 @@ def refresh_weights(module):
 class QuantUNet(nn.Module):
     """A UNet whose Conv/Linear layers were replaced by QuantLayers (see models.allocate)."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, settings):
         super().__init__()
         self.unet = unet
+        self.settings = dict(settings)  # wbits, abits, steps (the DDIM schedule it was calibrated for), ...
 
     def set_step(self, step):
         set_step(self.unet, step)

@@ -50,10 +50,11 @@ QUICK = ["--steps", 4, "--calib-samples", 8, "--calib-keep", 4, "--eval-samples"
 
 @pytest.fixture(scope="session")
 def quant_ckpts(fp_ckpt, tmp_path_factory):
-    """quantize.py run end to end on the random model, OMQ and uniform, at W2A4."""
+    """quantize.py run end to end on the random model at W2A4: OMQ, uniform, and OMQ with every
+    layer quantized (--quantize-all, also written packed)."""
     out = tmp_path_factory.mktemp("quant")
     paths = {}
-    for method in ("omq", "uniform"):
-        paths[method] = out / f"{method}.pt"
-        run_script("quantize.py", "--ckpt", fp_ckpt, "--method", method, "--out", paths[method], *QUICK)
+    for key, flags in {"omq": [], "uniform": ["--method", "uniform"], "all": ["--quantize-all", "--pack"]}.items():
+        paths[key] = out / f"{key}.pt"
+        run_script("quantize.py", "--ckpt", fp_ckpt, "--out", paths[key], *flags, *QUICK)
     return paths

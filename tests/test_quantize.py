@@ -29,7 +29,7 @@ def planted_layer(seed=0):
 def calibrated(method, n=2, seed=0):
     layer, inputs = planted_layer(seed)
     q = QuantLayer(layer, "quant", n, 8, n_steps=3)
-    report = calibrate_layer(q, inputs, method=method, smooth=False)
+    report = calibrate_layer(q, inputs, method=method, smooth_alphas=(0.0,))
     return q, report
 
 

@@ -1,0 +1,188 @@
+"""TRD: data-free LoRA distillation of a quantized model from its full-precision model, with the
+time-smoothed relation loss. Reads a quantize.py checkpoint, writes a distilled one (LoRA merged,
+weights quantized once) that sample.py reads.
+
+    python distill.py --qckpt runs/quant/w2a4_omq.pt                 # MPQ-DM (MSE + TRD)
+    python distill.py --qckpt runs/quant/w2a4_uniform.pt --trd off   # EfficientDM-style baseline
+    python distill.py --qckpt ... --resume                           # continue a killed run
+
+Each iteration runs --batch-size full-precision DDIM trajectories (random classes, guidance) and
+makes one update per sampling step: the quantized model predicts eps for the same (x_t, t, context)
+as the FP model, with that step's activation parameters; the trajectory follows the FP prediction.
+
+Loss per update: MSE(eps_q, eps_fp) + lambda * KL(relation_fp || relation_q). Relation maps come
+from the output features of --feature-block (default: the last output block, before the final
+norm and conv), smoothed over non-overlapping windows of --window steps: the mean of the window's
+features so far, where the earlier steps' quantized features enter detached (their update is
+done) and the current step's stay in the graph, so the relation term has a gradient every step.
+
+Reductions: MSE is the mean over elements; the KL is summed over each relation row's distribution
+and averaged over rows and samples, so neither scale depends on batch or image size. The official
+code uses summed MSE + 100 x summed KL; with these means that is lambda = 100 * (feature H*W) /
+(eps C*H*W), which is what --lam auto computes (100 for the 1-channel digits, 33.3 for LDM-4's
+3-channel latents with the default feature block).
+
+LDM-4 ImageNet settings of the official code: --lora-rank 32 --steps 20 --eta 0 --guidance 3.0
+--iters 200 --batch-size 4 (800 trajectories of 4 random classes = 16,000 updates), AdamW with linear
+decay, --lr-lora auto (mean weight step size / 2500), --lr-wq 1e-6, --lr-act 5e-4.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.checkpoint import load_file, load_quant_model, quant_checkpoint, save_atomic, write_packed
+from models.diffusion import DDIM
+from models.quant import quant_layers, refresh_weights
+from models.trajectory import Trajectory, eps_mse
+from models.trd import WindowSmoother, relation_kl
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--qckpt", type=Path, default=Path("runs/quant/w2a4_omq.pt"), help="quantize.py checkpoint")
+parser.add_argument("--trd", choices=["on", "off"], default="on", help="off: MSE only (EfficientDM-style baseline)")
+parser.add_argument("--lam", default="auto", help="weight of the relation loss (auto: the official weighting)")
+parser.add_argument("--window", type=int, default=2, help="steps per smoothing window")
+parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the relation maps")
+parser.add_argument("--feature-block", type=int, default=-1, help="index into output_blocks (default: the last)")
+parser.add_argument("--lora-rank", type=int, default=8)
+parser.add_argument("--lr-lora", default="auto", help="auto: mean weight quantizer step size / 2500")
+parser.add_argument("--lr-wq", type=float, default=1e-6, help="weight quantizer scales")
+parser.add_argument("--lr-act", type=float, default=5e-4, help="per-step activation scales and zero-points")
+parser.add_argument("--iters", type=int, default=40, help="iterations (each: --batch-size trajectories)")
+parser.add_argument("--batch-size", type=int, default=16, help="trajectories per iteration")
+parser.add_argument("--guidance", type=float, default=None, help="default: the one used by quantize.py")
+parser.add_argument("--eval-samples", type=int, default=64, help="held-out trajectories for the eps-MSE check")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--pack", action="store_true", help="also write <out>.packed.pt: weights bit-packed at their bit-widths")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+parser.add_argument("--out", type=Path, default=None, help="default: <qckpt stem>_trd|_mse.pt beside it")
+parser.add_argument("--ckpt-every", type=int, default=5, help="iterations between resumable checkpoints")
+parser.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
+args = parser.parse_args()
+if args.window < 1 or args.iters < 1 or args.batch_size < 1 or args.lora_rank < 1:
+    parser.error("--window, --iters, --batch-size and --lora-rank must be positive")
+out_path = args.out or args.qckpt.with_name(f"{args.qckpt.stem}_{'trd' if args.trd == 'on' else 'mse'}.pt")
+state_path = out_path.with_name(out_path.name + ".state.pt")
+device = torch.device(args.device)
+torch.manual_seed(args.seed)
+t_start = time.time()
+
+# ---- load: the FP teacher and the quantized student
+try:
+    fp_model, qmodel, qckpt = load_quant_model(args.qckpt)
+except (FileNotFoundError, ValueError) as e:
+    parser.error(str(e))
+settings = qckpt["settings"]
+guidance = settings["guidance"] if args.guidance is None else args.guidance
+fp_model.to(device).requires_grad_(False)
+qmodel.to(device).requires_grad_(False)
+ddim = DDIM(fp_model.alphas_cumprod, steps=settings["steps"], eta=settings["eta"])
+layers = quant_layers(qmodel.unet)
+trained = {n: m for n, m in layers.items() if m.mode != "fp"}
+lora_gen = torch.Generator().manual_seed(args.seed)
+for m in trained.values():
+    m.add_lora(args.lora_rank, lora_gen)
+mse_before = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size, args.seed + 10_000, guidance, device)
+
+# ---- optimiser: LoRA, weight-quantizer scales (tiny lr), per-step activation parameters
+lr_lora = (torch.cat([m.w_scale.detach().abs() for m in trained.values()]).mean().item() / 2500
+           if args.lr_lora == "auto" else float(args.lr_lora))
+groups = [
+    dict(params=[p for m in trained.values() for p in (m.lora_A, m.lora_B)], lr=lr_lora),
+    dict(params=[m.w_scale for m in trained.values()], lr=args.lr_wq),
+    dict(params=[p for m in trained.values() for p in (m.a_scale, m.a_zero)], lr=args.lr_act),
+]
+for g in groups:
+    for p in g["params"]:
+        p.requires_grad_(True)
+total_updates = args.iters * ddim.steps
+opt = torch.optim.AdamW(groups, weight_decay=0.0)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: max(0.0, 1 - u / total_updates))
+start_iter = 0
+history = []
+if args.resume:
+    state = load_file(state_path)
+    if state["qckpt"] != str(args.qckpt) or state["trd"] != args.trd:
+        raise SystemExit(f"{state_path} belongs to another run ({state['qckpt']}, trd {state['trd']})")
+    qmodel.unet.load_state_dict(state["trainable"], strict=False)
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    start_iter, history = state["iter"], state["history"]
+    print(f"resumed {state_path} at iteration {start_iter}/{args.iters}")
+
+
+# ---- the relation loss on the feature block's output
+def feature_hook(store):
+    return lambda module, inp, out: store.__setitem__("f", out)
+
+
+fp_feat, q_feat = {}, {}
+fp_model.unet.output_blocks[args.feature_block].register_forward_hook(feature_hook(fp_feat))
+qmodel.unet.unet.output_blocks[args.feature_block].register_forward_hook(feature_hook(q_feat))
+lam = None if args.trd == "off" else (None if args.lam == "auto" else float(args.lam))
+
+# ---- train
+fp_model.unet.eval()
+qmodel.unet.train()
+bar = tqdm(total=args.iters, initial=start_iter, desc=f"distill ({'MSE+TRD' if args.trd == 'on' else 'MSE'})")
+for it in range(start_iter, args.iters):
+    # trajectories of this iteration are fixed by (seed, index): a resumed run redraws the same ones
+    traj = Trajectory(fp_model, ddim, range(it * args.batch_size, (it + 1) * args.batch_size), args.seed, guidance, device)
+    smooth_fp, smooth_q = WindowSmoother(args.window), WindowSmoother(args.window)
+    for i in range(ddim.steps):
+        inputs = traj.unet_inputs(i)
+        with torch.no_grad():
+            out_fp = fp_model.unet(*inputs)
+        refresh_weights(qmodel.unet)  # fake-quantize the weights once for this update
+        qmodel.unet.set_step(i)
+        out_q = qmodel.unet(*inputs)
+        loss_mse = F.mse_loss(out_q, out_fp)
+        loss = loss_mse
+        loss_trd = torch.zeros(())
+        if args.trd == "on":
+            loss_trd = relation_kl(smooth_fp(i, fp_feat["f"]), smooth_q(i, q_feat["f"]), args.temperature)
+            if lam is None:  # the official summed weighting, expressed for our mean reductions
+                f = fp_feat["f"]
+                lam = 100.0 * f.shape[2] * f.shape[3] / out_fp[0].numel()
+            loss = loss + lam * loss_trd
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        traj.advance(i, out_fp)
+    history.append(dict(iter=it + 1, mse=loss_mse.item(), trd=loss_trd.item()))
+    bar.update()
+    bar.set_postfix(mse=f"{loss_mse.item():.5f}", trd=f"{loss_trd.item():.5f}")
+    if (it + 1) % args.ckpt_every == 0 and it + 1 < args.iters:
+        trainable = {k: v for k, v in qmodel.unet.state_dict().items()
+                     if k.endswith(("lora_A", "lora_B", "w_scale", "a_scale", "a_zero"))}
+        save_atomic(dict(qckpt=str(args.qckpt), trd=args.trd, iter=it + 1, trainable=trainable,
+                         opt=opt.state_dict(), sched=sched.state_dict(), history=history, args=vars(args)), state_path)
+bar.close()
+
+# ---- merge LoRA into the weights, quantize once, check and save
+qmodel.unet.eval().requires_grad_(False)
+for m in trained.values():
+    m.round_params()  # as the packed file stores them
+    m.merge_lora()
+mse_after = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size, args.seed + 10_000, guidance, device)
+print(f"eps MSE vs FP on {args.eval_samples} held-out trajectories: before {mse_before:.5f}, after {mse_after:.5f} "
+      f"({'MSE+TRD' if args.trd == 'on' else 'MSE only'}, {args.iters * args.batch_size} trajectories, "
+      f"{total_updates} updates)")
+distill_settings = dict(trd=args.trd, lam=lam, window=args.window, temperature=args.temperature,
+                        feature_block=args.feature_block, lora_rank=args.lora_rank, lr_lora=lr_lora, lr_wq=args.lr_wq,
+                        lr_act=args.lr_act, iters=args.iters, batch_size=args.batch_size, guidance=guidance, seed=args.seed)
+elapsed = time.time() - t_start
+ckpt = quant_checkpoint(qckpt["fp"], qmodel.cpu(), settings, report=qckpt.get("report"), distill=distill_settings,
+                        eps_mse_before=mse_before, eps_mse=mse_after, history=history, source=str(args.qckpt))
+save_atomic(ckpt, out_path)
+if args.pack:
+    write_packed(ckpt, qmodel, out_path.with_suffix(".packed.pt"))
+out_path.with_suffix(".json").write_text(json.dumps(dict(distill=distill_settings, eps_mse_before=mse_before,
+                                                         eps_mse_after=mse_after, seconds=elapsed, history=history), indent=1))
+state_path.unlink(missing_ok=True)
+print(f"wrote {out_path} in {elapsed:.0f} s")

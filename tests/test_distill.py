@@ -1,0 +1,136 @@
+"""distill.py and models/trd.py: the relation loss trains, resume is exact, merging is exact."""
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from models.checkpoint import load_quant_model
+from models.quant import quant_layers, refresh_weights
+from models.trajectory import Trajectory
+from models.diffusion import DDIM
+from models.trd import WindowSmoother, relation_kl
+from tests.conftest import ROOT, run_script
+
+QUICK_DISTILL = ["--iters", 3, "--batch-size", 2, "--eval-samples", 2, "--lora-rank", 2, "--ckpt-every", 1]
+
+
+def student(quant_ckpt, seed=0):
+    """The quantized model with LoRA whose B is non-zero (as after some training), so that every
+    LoRA parameter can receive a gradient."""
+    fp_model, qmodel, ckpt = load_quant_model(quant_ckpt)
+    g = torch.Generator().manual_seed(seed)
+    for m in quant_layers(qmodel.unet).values():
+        if m.mode != "fp":
+            m.add_lora(2, g)
+            with torch.no_grad():
+                m.lora_B.copy_(0.01 * torch.randn(m.lora_B.shape, generator=g))
+    return fp_model, qmodel, ckpt
+
+
+def lora_grads(quant_ckpt, loss_fn):
+    """Gradients on every LoRA parameter of loss_fn(fp_features, q_features) of the last output block."""
+    fp_model, qmodel, ckpt = student(quant_ckpt)
+    feats = {}
+    fp_model.unet.output_blocks[-1].register_forward_hook(lambda m, i, o: feats.__setitem__("fp", o))
+    qmodel.unet.unet.output_blocks[-1].register_forward_hook(lambda m, i, o: feats.__setitem__("q", o))
+    ddim = DDIM(fp_model.alphas_cumprod, steps=ckpt["settings"]["steps"])
+    traj = Trajectory(fp_model, ddim, range(3), 0, 2.0, torch.device("cpu"))
+    inputs = traj.unet_inputs(0)
+    with torch.no_grad():
+        fp_model.unet(*inputs)
+    refresh_weights(qmodel.unet)
+    qmodel.unet.set_step(0)
+    qmodel.unet(*inputs)
+    loss_fn(feats["fp"], feats["q"]).backward()
+    nonzero = lambda g: g is not None and g.abs().max().item() > 0
+    return {n: (nonzero(m.lora_A.grad), nonzero(m.lora_B.grad))
+            for n, m in quant_layers(qmodel.unet.unet).items() if m.mode != "fp"}
+
+
+def test_relation_loss_alone_reaches_every_upstream_lora_parameter(quant_ckpts):
+    # the layers upstream of the feature block: those the features depend on at all
+    upstream = lora_grads(quant_ckpts["omq"], lambda f_fp, f_q: f_q.pow(2).sum())
+    upstream = {n for n, (a, b) in upstream.items() if a and b}
+    trd = lora_grads(quant_ckpts["omq"], lambda f_fp, f_q: 1.0 * relation_kl(f_fp, f_q))
+    assert {n for n, (a, b) in trd.items() if a and b} == upstream
+    # not upstream: the final conv, and the cross-attention query/key, which with a one-token class
+    # context always gets softmax weight 1 (true of cin256-v2 too)
+    assert set(trd) - upstream == {"out.2"} | {n for n in trd if "attn2.to_q" in n or "attn2.to_k" in n}
+    zero = lora_grads(quant_ckpts["omq"], lambda f_fp, f_q: 0.0 * relation_kl(f_fp, f_q))
+    assert not any(a or b for a, b in zero.values())
+
+
+def test_relation_loss_of_identical_features_is_zero_and_positive_otherwise():
+    f = torch.randn(2, 8, 4, 4)
+    assert relation_kl(f, f.clone()).abs().item() < 1e-6
+    assert relation_kl(f, f + 0.5 * torch.randn_like(f)).item() > 1e-4
+    # invariant to a per-pixel rescaling of the features (cosine similarity)
+    assert relation_kl(f, f * 3.0).abs().item() < 1e-6
+
+
+def test_window_smoother_means_the_window_and_keeps_only_the_current_step_in_the_graph():
+    s = WindowSmoother(2)
+    a = torch.ones(1, requires_grad=True)
+    b = torch.full((1,), 3.0, requires_grad=True)
+    c = torch.full((1,), 5.0, requires_grad=True)
+    assert s(0, a).item() == 1.0
+    out = s(1, b)
+    assert out.item() == 2.0
+    out.backward()
+    assert a.grad is None and b.grad.item() == 0.5
+    assert s(2, c).item() == 5.0  # a new window starts
+
+
+def test_resume_after_kill_reproduces_the_uninterrupted_run(quant_ckpts, tmp_path):
+    straight = tmp_path / "straight.pt"
+    run_script("distill.py", "--qckpt", quant_ckpts["omq"], "--out", straight, *QUICK_DISTILL)
+    resumed = tmp_path / "resumed.pt"
+    state = tmp_path / "resumed.pt.state.pt"
+    proc = subprocess.Popen([sys.executable, "distill.py", "--qckpt", quant_ckpts["omq"], "--out", resumed,
+                             *map(str, QUICK_DISTILL)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not resumed.exists(), "the run was not interrupted between checkpoints"
+    out = run_script("distill.py", "--qckpt", quant_ckpts["omq"], "--out", resumed, *QUICK_DISTILL, "--resume")
+    assert "resumed" in out.stdout
+    a = torch.load(straight, weights_only=False)
+    b = torch.load(resumed, weights_only=False)
+    assert a["unet_state_dict"].keys() == b["unet_state_dict"].keys()
+    for k in a["unet_state_dict"]:
+        assert torch.equal(a["unet_state_dict"][k], b["unet_state_dict"][k]), k
+    assert a["history"] == b["history"]
+    assert not state.exists()  # cleaned up after the run completed
+
+
+def test_merged_model_equals_unmerged(quant_ckpts):
+    fp_model, qmodel, _ = student(quant_ckpts["omq"])
+    x = torch.randn(3, 1, 8, 8)
+    t = torch.tensor([5, 500, 900])
+    ctx, _ = fp_model.context(torch.tensor([1, 2, 10]))
+    qmodel.unet.set_step(1)
+    with torch.no_grad():
+        refresh_weights(qmodel.unet)
+        before = qmodel.unet(x, t, ctx)
+        for m in quant_layers(qmodel.unet).values():
+            if m.mode != "fp":
+                m.merge_lora()
+        assert all(m.lora_A is None for m in quant_layers(qmodel.unet).values())
+        assert torch.equal(before, qmodel.unet(x, t, ctx))
+
+
+def test_distilled_checkpoint_is_a_plain_quantized_model(quant_ckpts, tmp_path):
+    out = tmp_path / "d.pt"
+    proc = run_script("distill.py", "--qckpt", quant_ckpts["uniform"], "--trd", "off", "--out", out, *QUICK_DISTILL)
+    assert "before" in proc.stdout and "after" in proc.stdout
+    fp_model, qmodel, ckpt = load_quant_model(out)
+    assert ckpt["distill"]["trd"] == "off" and ckpt["distill"]["lam"] is None
+    assert not any("lora" in k for k in ckpt["unet_state_dict"])
+    # the weights moved away from the quantize.py checkpoint's
+    q0 = torch.load(quant_ckpts["uniform"], weights_only=False)["unet_state_dict"]
+    changed = [k for k, v in ckpt["unet_state_dict"].items() if k.endswith("layer.weight") and not torch.equal(v, q0[k])]
+    assert changed

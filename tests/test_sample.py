@@ -1,0 +1,89 @@
+"""sample.py and models/pack.py: packed checkpoints of real size, exact unpacking, torchrun."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import load_packed_model, load_quant_model, write_packed
+from models.pack import fp32_bytes, pack_codes, pack_model, unpack_codes, unpack_model
+from models.quant import quant_layers
+from tests.conftest import ROOT, run_script
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_bit_packing_round_trip(bits):
+    codes = torch.randint(0, 2 ** bits, (1001,), generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-1001 * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits, 1001), codes)
+
+
+def test_unpacked_weights_equal_fake_quantized_weights(quant_ckpts):
+    _, qmodel, _ = load_quant_model(quant_ckpts["omq"])
+    sd = unpack_model(pack_model(qmodel))
+    layers = {n: q for n, q in quant_layers(qmodel.unet.unet).items() if q.mode != "fp"}
+    assert any(len(set(q.bits.tolist())) > 1 for q in layers.values())  # mixed layers are covered
+    for name, q in layers.items():
+        assert torch.equal(sd[f"unet.unet.{name}.layer.weight"], q.w_q), name
+    own = qmodel.state_dict()
+    packed_weights = {f"unet.unet.{n}.layer.weight" for n in layers}
+    assert set(sd) == set(own)
+    for k, v in sd.items():  # and everything else comes back as it was
+        if k not in packed_weights:
+            assert torch.equal(v, own[k]), k
+
+
+@pytest.fixture(scope="module")
+def packed(quant_ckpts, tmp_path_factory):
+    path = tmp_path_factory.mktemp("packed") / "omq.packed.pt"
+    _, qmodel, ckpt = load_quant_model(quant_ckpts["omq"])
+    write_packed(ckpt, qmodel, path)
+    return path, qmodel
+
+
+def test_packed_w2a4_file_is_about_two_bits_a_weight(quant_ckpts):
+    """With every layer quantized (--quantize-all; by default skip and downsampling convs stay FP32
+    and the first/last convs and time embedding W8A8), the file is 2 bits a weight plus at most 5 %
+    of the FP32 size for per-channel/per-step parameters, biases and norms, plus the names."""
+    path = quant_ckpts["all"].with_suffix(".packed.pt")
+    model, ckpt = load_packed_model(path)
+    assert all(q.frozen for q in quant_layers(model.unet).values() if q.mode != "fp")
+    assert path.stat().st_size <= (2 / 32 + 0.05) * fp32_bytes(model) + 16_000
+
+
+def sample(ckpt, out, *extra):
+    run_script("sample.py", "--ckpt", ckpt, "--num-images", 6, "--batch-size", 4, "--out", out, *extra)
+    return np.load(out / "samples.npz")
+
+
+def test_packed_and_unpacked_checkpoints_sample_the_same_images(quant_ckpts, packed, tmp_path):
+    a = sample(quant_ckpts["omq"], tmp_path / "unpacked")
+    b = sample(packed[0], tmp_path / "packed")
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+    assert a["arr_0"].shape == (6, 8, 8, 1) and list(a["labels"]) == [0, 1, 2, 3, 4, 5]
+    assert (tmp_path / "packed" / "grid.png").exists() and len(list((tmp_path / "packed" / "images").glob("*.png"))) == 6
+
+
+def test_sample_set_does_not_depend_on_batch_size(fp_ckpt, tmp_path):
+    a = sample(fp_ckpt, tmp_path / "a")
+    run_script("sample.py", "--ckpt", fp_ckpt, "--num-images", 6, "--batch-size", 5, "--out", tmp_path / "b")
+    assert np.array_equal(a["arr_0"], np.load(tmp_path / "b" / "samples.npz")["arr_0"])
+
+
+def test_quantized_model_refuses_another_step_count(quant_ckpts, tmp_path):
+    proc = run_script("sample.py", "--ckpt", quant_ckpts["omq"], "--steps", 10, "--out", tmp_path, check=False)
+    assert proc.returncode != 0 and "calibrated for 4 DDIM steps" in proc.stderr
+
+
+def test_torchrun_two_processes_match_one(quant_ckpts, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"  # installed with torch, beside this python
+    one = sample(quant_ckpts["omq"], tmp_path / "one")
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "sample.py", "--ckpt",
+                           str(quant_ckpts["omq"]), "--num-images", "6", "--batch-size", "4", "--out", str(tmp_path / "two")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = np.load(tmp_path / "two" / "samples.npz")
+    assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
