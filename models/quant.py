@@ -76,6 +76,7 @@ class QuantLayer(nn.Module):
         self.step = 0
         self.w_q = None
         self.frozen = False  # a packed layer: layer.weight already holds the dequantized weight
+        self.smoothed = True
         out_ch, in_ch = layer.weight.shape[:2]
         self.register_buffer("smooth", torch.ones(in_ch))
         self.register_buffer("bits", torch.full((out_ch,), wbits, dtype=torch.int8))
@@ -110,6 +111,7 @@ class QuantLayer(nn.Module):
             self.w_q = None
         else:
             self.w_q = self.layer.weight if self.frozen else self.quant_weight()
+        self.smoothed = not bool((self.smooth == 1).all())  # most layers skip the division
 
     @torch.no_grad()
     def round_params(self):
@@ -135,10 +137,17 @@ class QuantLayer(nn.Module):
 
     # ---- activations
     def quant_input(self, x):
-        dim = 1 if isinstance(self.layer, (nn.Conv1d, nn.Conv2d)) else x.dim() - 1
-        x = x / self._channel_view(self.smooth, x.dim(), dim)
+        if self.smoothed:
+            dim = 1 if isinstance(self.layer, (nn.Conv1d, nn.Conv2d)) else x.dim() - 1
+            x = x / self._channel_view(self.smooth, x.dim(), dim)
         scale = self.a_scale[self.step].abs().clamp(min=1e-8)
-        return fake_quant(x, scale, round_ste(self.a_zero[self.step]), torch.tensor(2.0 ** self.abits - 1, device=x.device))
+        zero = round_ste(self.a_zero[self.step])
+        qmax = 2.0 ** self.abits - 1
+        if torch.is_grad_enabled():
+            return fake_quant(x, scale, zero, torch.tensor(qmax, device=x.device))
+        # sampling: the same arithmetic, in place on one buffer (round_ste's forward value is exactly
+        # round(): r - v is exact when r = round(v), so (r - v) + v == r)
+        return (x / scale).add_(zero).round_().clamp_(0, qmax).sub_(zero).mul_(scale)
 
     def forward(self, x):
         if self.mode == "fp":
