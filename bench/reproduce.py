@@ -50,9 +50,9 @@ results_path = args.out / "results.json"
 results = json.loads(results_path.read_text()) if results_path.exists() else {}
 
 
-def run(script, *script_args):
-    """Runs one stage; returns its wall time. Output goes to the stage's log file."""
-    log = args.out / "logs" / f"{Path(script).stem}_{int(time.time() * 1000)}.log"
+def run(tag, script, *script_args):
+    """Runs one stage; returns its wall time. Output goes to logs/<tag>.log."""
+    log = args.out / "logs" / f"{tag}.log"
     log.parent.mkdir(exist_ok=True)
     t0 = time.time()
     with open(log, "w") as f:
@@ -71,17 +71,19 @@ def cell(name, n):
     if method:
         ckpt = args.out / f"w{n}a{args.abits}_{method}.pt"
         if not ckpt.exists():
-            times["quantize"] = run("quantize.py", "--wbits", n, "--abits", args.abits, "--method", method, "--out", ckpt)
+            times["quantize"] = run(ckpt.stem + "_quantize", "quantize.py", "--wbits", n, "--abits", args.abits,
+                                    "--method", method, "--out", ckpt)
         if trd:
             dckpt = args.out / f"w{n}a{args.abits}_{method}_{'trd' if trd == 'on' else 'mse'}.pt"
             if not dckpt.exists():
                 iters = ["--iters", args.distill_iters] if args.distill_iters else []
-                times["distill"] = run("distill.py", "--qckpt", ckpt, "--trd", trd, "--out", dckpt, *iters)
+                times["distill"] = run(dckpt.stem + "_distill", "distill.py", "--qckpt", ckpt, "--trd", trd, "--out", dckpt, *iters)
             ckpt = dckpt
-    samples = args.out / "samples" / key.replace(" ", "_")
-    times["sample"] = run("sample.py", *(["--ckpt", ckpt] if ckpt else []), "--num-images", args.num_images,
+    tag = key.replace(" ", "_")
+    samples = args.out / "samples" / tag
+    times["sample"] = run(tag + "_sample", "sample.py", *(["--ckpt", ckpt] if ckpt else []), "--num-images", args.num_images,
                           "--seed", args.sample_seed, "--out", samples)
-    times["evaluate"] = run("evaluate.py", samples / "samples.npz")
+    times["evaluate"] = run(tag + "_evaluate", "evaluate.py", samples / "samples.npz")
     metrics = json.loads((samples / "samples.eval.json").read_text())
     prev = results.get(key, {}).get("seconds", {})
     results[key] = dict(cell=name, wbits=None if name == "fp" else n, abits=None if name == "fp" else args.abits,
