@@ -8,7 +8,6 @@ their values): W2A4 layers, per-step activation quantization, weights fake-quant
 timing. The LDM-4 ImageNet-sized UNet is the cin256-v2 architecture with random weights.
 """
 import argparse
-import copy
 import io
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.checkpoint import build_quant_model, fp_checkpoint, load_fp_model, packed_checkpoint, quant_checkpoint  # noqa: E402
+from models.checkpoint import build_quant_model, load_fp_model, packed_checkpoint, quant_checkpoint  # noqa: E402
 from models.diffusion import DDIM, ddim_sample, randn_per_sample, sample_generators  # noqa: E402
 from models.digits import DEFAULT_CHECKPOINT  # noqa: E402
 from models.ldm import LDM_CONFIGS, DiffusionModel  # noqa: E402

@@ -2,9 +2,7 @@
 model's samples show the class they were asked for, and it is the in-domain feature network of
 evaluate.py when the Inception weights are not available (its penultimate layer gives the features,
 its logits the Inception Score, its last conv map the spatial features for sFID)."""
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class DigitClassifier(nn.Module):

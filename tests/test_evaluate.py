@@ -3,7 +3,6 @@ import json
 import sys
 
 import numpy as np
-import pytest
 import torch
 import torch.nn as nn
 from PIL import Image

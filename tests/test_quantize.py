@@ -6,10 +6,10 @@ import torch
 import torch.nn as nn
 
 from models.allocate import calibrate_layer, kurtosis, split_bits, split_candidates
-from models.checkpoint import build_quant_model, load_quant_model, quant_checkpoint, save_atomic
+from models.checkpoint import load_quant_model, quant_checkpoint, save_atomic
 from models.diffusion import DDIM, ddim_sample
-from models.quant import QuantLayer, fake_quant, quant_layers, range_search, refresh_weights
-from tests.conftest import QUICK, random_digits_model, run_script
+from models.quant import QuantLayer, fake_quant, quant_layers, range_search
+from tests.conftest import QUICK, run_script
 
 
 def planted_layer(seed=0):
