@@ -38,21 +38,25 @@ def file_size(obj):
     return buf.tell()
 
 
-def timed_sampling(model, n, steps, guidance):
-    ddim = DDIM(model.alphas_cumprod, steps=steps)
+def timed_sampling(models, n, steps, guidance):
+    """Seconds per DDIM step of each model, fastest of `repeats` runs. The models take turns, so
+    that a slow spell of a shared machine slows both rather than biasing the ratio."""
+    ddim = DDIM(models[0].alphas_cumprod, steps=steps)
     gens = sample_generators(0, range(n))
-    x_T = randn_per_sample(gens, model.latent_shape).to(device)
-    ctx, uctx = model.context(torch.arange(n, device=device) % max(model.num_classes, 1))
-    best = float("inf")
-    for _ in range(args.repeats + 1):  # the first run warms up
-        if on_gpu:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        ddim_sample(model.unet, ddim, x_T, ctx, uctx, guidance)
-        if on_gpu:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best / steps
+    x_T = randn_per_sample(gens, models[0].latent_shape).to(device)
+    ctx, uctx = models[0].context(torch.arange(n, device=device) % max(models[0].num_classes, 1))
+    best = [float("inf")] * len(models)
+    for r in range(args.repeats + 1):  # the first round warms up
+        for i, model in enumerate(models):
+            if on_gpu:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            ddim_sample(model.unet, ddim, x_T, ctx, uctx, guidance)
+            if on_gpu:
+                torch.cuda.synchronize()
+            if r > 0:
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return [b / steps for b in best]
 
 
 def quantized(model, steps):
@@ -69,8 +73,7 @@ rows = []
 def bench(name, model, n, steps, guidance):
     model = model.to(device).eval()
     q, settings = quantized(model, steps)
-    t_fp = timed_sampling(model, n, steps, guidance)
-    t_q = timed_sampling(q, n, steps, guidance)
+    t_fp, t_q = timed_sampling([model, q], n, steps, guidance)
     cpu_q = q.to("cpu")
     fp_size = fp32_bytes(model)
     q_size = file_size(quant_checkpoint(dict(config=model.config), cpu_q, settings))

@@ -87,6 +87,36 @@ def test_activation_ranges_are_per_step():
     assert not torch.equal(y0, q(x))
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_sampling_fast_path_equals_training_arithmetic(kind):
+    """Sampling quantizes activations in place in a reused scratch tensor; it must give bit-identical
+    outputs to the differentiable path, smoothed or not, for contiguous and permuted inputs, and
+    one layer's call must not disturb another's result."""
+    g = torch.Generator().manual_seed(0)
+    if kind == "linear":
+        layer, x = nn.Linear(16, 8), torch.randn(4, 16, 6, generator=g).transpose(1, 2)  # (4, 6, 16), strided
+    else:
+        # (b, h*w, c) -> (b, c, h, w) as a spatial transformer's proj_out sees it: channels-last strides,
+        # for which the conv sums in another order than for a contiguous copy
+        layer, x = nn.Conv2d(16, 8, 1), torch.randn(4, 25, 16, generator=g).permute(0, 2, 1).unflatten(2, (5, 5))
+    q = QuantLayer(layer, "quant", 4, 8, n_steps=2)  # fine grids: sums whose order shows in the last bit
+    with torch.no_grad():
+        q.a_scale.fill_(0.037)
+        q.a_zero.fill_(127.3)
+        q.w_scale.fill_(0.01)
+    for smooth in (None, torch.rand(16, generator=g) + 0.5):
+        if smooth is not None:
+            q.smooth.copy_(smooth)
+        q.refresh()
+        for inp in (x, x.contiguous()):
+            with torch.enable_grad():
+                want = q(inp).detach()
+            with torch.no_grad():
+                got = q(inp)
+                q(inp * 2)  # reuses the same scratch tensor
+            assert torch.equal(got, want)
+
+
 def test_quantize_script_end_to_end(quant_ckpts):
     for key, path in quant_ckpts.items():
         report = json.loads(path.with_suffix(".json").read_text())
