@@ -66,9 +66,10 @@ _SCRATCH = {}
 def scratch_like(x):
     """An uninitialised tensor like x (shape and strides), reused across calls on the CPU. A
     quantized layer's input is read only by its own conv/linear, right after quantization, so one
-    tensor per shape can serve every layer; on the CPU, allocating (and first touching) a fresh activation-sized tensor per
-    layer per step costs about as much as the quantization arithmetic itself. CUDA's caching
-    allocator already reuses memory, so there a fresh tensor is returned."""
+    tensor per shape can serve every layer (one sampling loop per process: it is not thread-safe).
+    On the CPU, allocating (and first touching) a fresh activation-sized tensor per layer per step
+    costs about as much as the quantization arithmetic itself; CUDA's caching allocator already
+    reuses memory, so there a fresh tensor is returned."""
     if x.device.type != "cpu":
         return torch.empty_like(x)
     key = (tuple(x.shape), x.stride(), x.dtype)  # the same strides as x: the conv/linear below sums
@@ -154,27 +155,23 @@ class QuantLayer(nn.Module):
 
     # ---- activations
     def quant_input(self, x):
+        if self.smoothed:
+            dim = 1 if isinstance(self.layer, (nn.Conv1d, nn.Conv2d)) else x.dim() - 1
+            smooth = self._channel_view(self.smooth, x.dim(), dim)
+        scale = self.a_scale[self.step].abs().clamp(min=1e-8)
+        qmax = 2.0 ** self.abits - 1
         if torch.is_grad_enabled():
-            if self.smoothed:
-                x = x / self._channel_view(self.smooth, x.dim(), self._channel_dim(x))
-            return fake_quant(x, self.a_scale_now(), round_ste(self.a_zero[self.step]),
-                              torch.tensor(2.0 ** self.abits - 1, device=x.device))
-        # sampling: the same arithmetic, in place (round_ste's forward value is exactly round(): r - v
-        # is exact when r = round(v), so (r - v) + v == r), written into a scratch tensor
+            x = x / smooth if self.smoothed else x
+            return fake_quant(x, scale, round_ste(self.a_zero[self.step]), torch.tensor(qmax, device=x.device))
+        # sampling: the same arithmetic in place on a scratch tensor (round_ste's forward value is
+        # exactly round(): r - v is exact when r = round(v), so (r - v) + v == r)
         out = scratch_like(x)
         if self.smoothed:
-            torch.div(x, self._channel_view(self.smooth, x.dim(), self._channel_dim(x)), out=out).div_(
-                self.a_scale_now())
+            torch.div(x, smooth, out=out).div_(scale)
         else:
-            torch.div(x, self.a_scale_now(), out=out)
+            torch.div(x, scale, out=out)
         zero = self.a_zero[self.step].round()
-        return out.add_(zero).round_().clamp_(0, 2.0 ** self.abits - 1).sub_(zero).mul_(self.a_scale_now())
-
-    def a_scale_now(self):
-        return self.a_scale[self.step].abs().clamp(min=1e-8)
-
-    def _channel_dim(self, x):
-        return 1 if isinstance(self.layer, (nn.Conv1d, nn.Conv2d)) else x.dim() - 1
+        return out.add_(zero).round_().clamp_(0, qmax).sub_(zero).mul_(scale)
 
     def forward(self, x):
         if self.mode == "fp":
