@@ -71,11 +71,12 @@ def run(tag, script, *script_args):
 
 
 def fp_reference():
-    """The FP model's samples at --sample-seed, which every row's "FID vs FP" is measured against."""
-    samples = args.out / "samples" / "fp" / "samples.npz"
-    if not samples.exists():
-        run("fp_sample", "sample.py", "--num-images", args.num_images, "--seed", args.sample_seed, "--out", samples.parent)
-    return samples
+    """The FP model's samples at --sample-seed, which every row's "FID vs FP" is measured against;
+    the fp cell is run first when it has not been, or was run with another seed or count."""
+    fp = results.get("fp", {})
+    if (fp.get("sample_seed"), fp.get("n_samples")) != (args.sample_seed, args.num_images):
+        cell("fp", bits[0])
+    return args.out / "samples" / "fp" / "samples.npz"
 
 
 def cell(name, n):
