@@ -100,7 +100,7 @@ def cell(name, n):
             eps_mse = json.loads(ckpt.with_suffix(".json").read_text())["eps_mse_after"]
     tag = key.replace(" ", "_")
     samples = args.out / "samples" / tag
-    seed = args.sample_seed + (name == "fp2")
+    seed = args.sample_seed + 1 if name == "fp2" else args.sample_seed
     times["sample"] = run(tag + "_sample", "sample.py", *(["--ckpt", ckpt] if ckpt else []), "--num-images", args.num_images,
                           "--seed", seed, "--out", samples)
     times["evaluate"] = run(tag + "_evaluate", "evaluate.py", samples / "samples.npz")

@@ -90,8 +90,8 @@ def test_activation_ranges_are_per_step():
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_sampling_fast_path_equals_training_arithmetic(kind):
     """Sampling quantizes activations in place in a reused scratch tensor; it must give bit-identical
-    outputs to the differentiable path, smoothed or not, for contiguous and permuted inputs, and
-    one layer's call must not disturb another's result."""
+    outputs to the differentiable path, smoothed or not, for contiguous and permuted inputs, and a
+    later call, which reuses the scratch tensor, must not change an earlier call's result."""
     g = torch.Generator().manual_seed(0)
     if kind == "linear":
         layer, x = nn.Linear(16, 8), torch.randn(4, 16, 6, generator=g).transpose(1, 2)  # (4, 6, 16), strided
