@@ -27,7 +27,6 @@ LDM-4 ImageNet settings of the official code: --lora-rank 32 --steps 20 --eta 0 
 decay, --lr-lora auto (mean weight step size / 2500), --lr-wq 1e-6, --lr-act 5e-4.
 """
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -35,7 +34,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.checkpoint import load_file, load_quant_model, quant_checkpoint, save_atomic, write_packed
+from models.cli import (auto_or, check_device, check_finite, check_output, exit_on_interrupt, finite_float,
+                        nonneg_float, positive_float, positive_int)
+from models.checkpoint import (load_file, load_quant_model, quant_checkpoint, save_atomic, save_with_report, sha256_file,
+                               write_packed)
 from models.diffusion import DDIM
 from models.quant import quant_layers, refresh_weights
 from models.trajectory import Trajectory, eps_mse
@@ -44,38 +46,67 @@ from models.trd import WindowSmoother, relation_kl
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--qckpt", type=Path, default=Path("runs/quant/w2a4_omq.pt"), help="quantize.py checkpoint")
 parser.add_argument("--trd", choices=["on", "off"], default="on", help="off: MSE only (EfficientDM-style baseline)")
-parser.add_argument("--lam", default="auto", help="weight of the relation loss (auto: the official weighting)")
-parser.add_argument("--window", type=int, default=2, help="steps per smoothing window")
-parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the relation maps")
+parser.add_argument("--lam", type=auto_or(nonneg_float), default="auto",
+                    help="weight of the relation loss (auto: the official weighting)")
+parser.add_argument("--window", type=positive_int, default=2, help="steps per smoothing window")
+parser.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature of the relation maps")
 parser.add_argument("--feature-block", type=int, default=-1, help="index into output_blocks (default: the last)")
-parser.add_argument("--lora-rank", type=int, default=8)
-parser.add_argument("--lr-lora", default="auto", help="auto: mean weight quantizer step size / 2500")
-parser.add_argument("--lr-wq", type=float, default=1e-6, help="weight quantizer scales")
-parser.add_argument("--lr-act", type=float, default=5e-4, help="per-step activation scales and zero-points")
-parser.add_argument("--iters", type=int, default=40, help="iterations (each: --batch-size trajectories)")
-parser.add_argument("--batch-size", type=int, default=16, help="trajectories per iteration")
-parser.add_argument("--guidance", type=float, default=None, help="default: the one used by quantize.py")
-parser.add_argument("--eval-samples", type=int, default=64, help="held-out trajectories for the eps-MSE check")
+parser.add_argument("--lora-rank", type=positive_int, default=8)
+parser.add_argument("--lr-lora", type=auto_or(positive_float), default="auto", help="auto: mean weight quantizer step size / 2500")
+parser.add_argument("--lr-wq", type=nonneg_float, default=1e-6, help="weight quantizer scales")
+parser.add_argument("--lr-act", type=nonneg_float, default=5e-4, help="per-step activation scales and zero-points")
+parser.add_argument("--iters", type=positive_int, default=40, help="iterations (each: --batch-size trajectories)")
+parser.add_argument("--batch-size", type=positive_int, default=16, help="trajectories per iteration")
+parser.add_argument("--guidance", type=finite_float, default=None, help="default: the one used by quantize.py")
+parser.add_argument("--eval-samples", type=positive_int, default=64, help="held-out trajectories for the eps-MSE check")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--pack", action="store_true", help="also write <out>.packed.pt: weights bit-packed at their bit-widths")
+parser.add_argument("--recompute", action="store_true",
+                    help="keep only each quantized layer's input for backward and recompute the rest there "
+                         "(less activation memory, about a third more time)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 parser.add_argument("--out", type=Path, default=None, help="default: <qckpt stem>_trd|_mse.pt beside it")
-parser.add_argument("--ckpt-every", type=int, default=5, help="iterations between resumable checkpoints")
+parser.add_argument("--ckpt-every", type=positive_int, default=5, help="iterations between resumable checkpoints")
 parser.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
+parser.add_argument("--force", action="store_true", help="replace --out (and its .json) if it exists")
 args = parser.parse_args()
-if args.window < 1 or args.iters < 1 or args.batch_size < 1 or args.lora_rank < 1:
-    parser.error("--window, --iters, --batch-size and --lora-rank must be positive")
-out_path = args.out or args.qckpt.with_name(f"{args.qckpt.stem}_{'trd' if args.trd == 'on' else 'mse'}.pt")
+device = check_device(parser, args.device)
+if not args.qckpt.is_file():
+    parser.error(f"--qckpt: no checkpoint at {args.qckpt}; run quantize.py first")
+out_path = check_output(parser, args.out or args.qckpt.with_name(f"{args.qckpt.stem}_{'trd' if args.trd == 'on' else 'mse'}.pt"),
+                        inputs=[args.qckpt], force=args.force)
 state_path = out_path.with_name(out_path.name + ".state.pt")
-device = torch.device(args.device)
+if args.resume and not state_path.is_file():
+    parser.error(f"--resume: no training state at {state_path}; run without --resume to start")
+exit_on_interrupt("distill.py" + (f" (resume with --resume from {state_path})" if args.ckpt_every <= args.iters else ""))
 torch.manual_seed(args.seed)
 t_start = time.time()
+
+# every setting that shapes the run: a resumed run must have been started with the same ones
+fingerprint = dict(qckpt_sha256=sha256_file(args.qckpt), **{k: getattr(args, k) for k in (
+    "trd", "lam", "window", "temperature", "feature_block", "lora_rank", "lr_lora", "lr_wq", "lr_act", "iters",
+    "batch_size", "guidance", "seed")})
+if args.resume:
+    try:
+        state = load_file(state_path)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(f"--resume: {e}")
+    old = state.get("fingerprint") or {}
+    if differ := [k for k in fingerprint if old.get(k) != fingerprint[k]]:
+        what = ", ".join("the --qckpt file (it changed since)" if k == "qckpt_sha256" else
+                         f"--{k.replace('_', '-')} {old.get(k)} (now {fingerprint[k]})" for k in differ)
+        parser.error(f"--resume: {state_path} was made with other settings: {what}. Resume with the same "
+                     f"settings, or start over without --resume")
 
 # ---- load: the FP teacher and the quantized student
 try:
     fp_model, qmodel, qckpt = load_quant_model(args.qckpt)
 except (FileNotFoundError, ValueError) as e:
     parser.error(str(e))
+n_blocks = len(qmodel.unet.unet.output_blocks)
+if not -n_blocks <= args.feature_block < n_blocks:
+    parser.error(f"--feature-block {args.feature_block}: this UNet has {n_blocks} output blocks "
+                 f"(use {-n_blocks}..{n_blocks - 1}; -1 is the last)")
 settings = qckpt["settings"]
 guidance = settings["guidance"] if args.guidance is None else args.guidance
 fp_model.to(device).requires_grad_(False)
@@ -86,6 +117,7 @@ trained = {n: m for n, m in layers.items() if m.mode != "fp"}
 lora_gen = torch.Generator().manual_seed(args.seed)
 for m in trained.values():
     m.add_lora(args.lora_rank, lora_gen)
+    m.recompute = args.recompute
 mse_before = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size, args.seed + 10_000, guidance, device)
 
 # ---- optimiser: LoRA, weight-quantizer scales (tiny lr), per-step activation parameters
@@ -105,9 +137,6 @@ sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: max(0.0, 1 - u / total_
 start_iter = 0
 history = []
 if args.resume:
-    state = load_file(state_path)
-    if state["qckpt"] != str(args.qckpt) or state["trd"] != args.trd:
-        raise SystemExit(f"{state_path} belongs to another run ({state['qckpt']}, trd {state['trd']})")
     qmodel.unet.load_state_dict(state["trainable"], strict=False)
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
@@ -129,6 +158,7 @@ lam = None if args.trd == "off" else (None if args.lam == "auto" else float(args
 fp_model.unet.eval()
 qmodel.unet.train()
 bar = tqdm(total=args.iters, initial=start_iter, desc=f"distill ({'MSE+TRD' if args.trd == 'on' else 'MSE'})")
+t_train = time.time()
 for it in range(start_iter, args.iters):
     # trajectories of this iteration are fixed by (seed, index): a resumed run redraws the same ones
     traj = Trajectory(fp_model, ddim, range(it * args.batch_size, (it + 1) * args.batch_size), args.seed, guidance, device)
@@ -149,6 +179,9 @@ for it in range(start_iter, args.iters):
                 f = fp_feat["f"]
                 lam = 100.0 * f.shape[2] * f.shape[3] / out_fp[0].numel()
             loss = loss + lam * loss_trd
+        if not torch.isfinite(loss):
+            raise SystemExit(f"error: the loss is {loss.item()} at iteration {it + 1}, step {i + 1}; stopped, nothing "
+                             f"was written. Lower the learning rates, or check --temperature and --guidance")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -160,15 +193,17 @@ for it in range(start_iter, args.iters):
     if (it + 1) % args.ckpt_every == 0 and it + 1 < args.iters:
         trainable = {k: v for k, v in qmodel.unet.state_dict().items()
                      if k.endswith(("lora_A", "lora_B", "w_scale", "a_scale", "a_zero"))}
-        save_atomic(dict(qckpt=str(args.qckpt), trd=args.trd, iter=it + 1, trainable=trainable,
+        save_atomic(dict(fingerprint=fingerprint, iter=it + 1, trainable=trainable,
                          opt=opt.state_dict(), sched=sched.state_dict(), history=history, args=vars(args)), state_path)
 bar.close()
+seconds_train, updates_run = time.time() - t_train, (args.iters - start_iter) * ddim.steps
 
 # ---- merge LoRA into the weights, quantize once, check and save
 qmodel.unet.eval().requires_grad_(False)
 for m in trained.values():
     m.round_params()  # as the packed file stores them
     m.merge_lora()
+check_finite("the distilled model's weights", *[p for p in qmodel.parameters()])
 mse_after = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size, args.seed + 10_000, guidance, device)
 print(f"eps MSE vs FP on {args.eval_samples} held-out trajectories: before {mse_before:.5f}, after {mse_after:.5f} "
       f"({'MSE+TRD' if args.trd == 'on' else 'MSE only'}, {args.iters * args.batch_size} trajectories, "
@@ -179,10 +214,12 @@ distill_settings = dict(trd=args.trd, lam=lam, window=args.window, temperature=a
 elapsed = time.time() - t_start
 ckpt = quant_checkpoint(qckpt["fp"], qmodel.cpu(), settings, report=qckpt.get("report"), distill=distill_settings,
                         eps_mse_before=mse_before, eps_mse=mse_after, history=history, source=str(args.qckpt))
-save_atomic(ckpt, out_path)
+save_with_report(ckpt, out_path, dict(distill=distill_settings, eps_mse_before=mse_before, eps_mse_after=mse_after,
+                                      seconds=elapsed, seconds_train=seconds_train, updates_run=updates_run,
+                                      history=history))
 if args.pack:
     write_packed(ckpt, qmodel, out_path.with_suffix(".packed.pt"))
-out_path.with_suffix(".json").write_text(json.dumps(dict(distill=distill_settings, eps_mse_before=mse_before,
-                                                         eps_mse_after=mse_after, seconds=elapsed, history=history), indent=1))
 state_path.unlink(missing_ok=True)
-print(f"wrote {out_path} in {elapsed:.0f} s")
+print(f"wrote {out_path} in {elapsed:.0f} s ({seconds_train / max(updates_run, 1):.2f} s per update)")
+if device.type == "cuda":
+    print(f"peak CUDA memory allocated: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")

@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 from PIL import Image
 
 from models.checkpoint import load_file
+from models.cli import check_device, check_output, exit_on_interrupt, positive_int
 from models.classifier import DigitClassifier
 from models.digits import DEFAULT_CLASSIFIER, load_digits
 
@@ -40,15 +42,31 @@ parser.add_argument("--ref", default="digits", help="'digits', a folder, an imag
 parser.add_argument("--features", choices=["auto", "digits", "inception"], default="auto")
 parser.add_argument("--inception", type=Path, default=None, help=f"path of {INCEPTION_FILE} (default: clean-fid's cache)")
 parser.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER, help="in-domain feature network")
-parser.add_argument("--k", type=int, default=3, help="neighbours for the precision/recall manifolds")
-parser.add_argument("--batch-size", type=int, default=256)
+parser.add_argument("--k", type=positive_int, default=3, help="neighbours for the precision/recall manifolds")
+parser.add_argument("--batch-size", type=positive_int, default=256)
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-parser.add_argument("--out", type=Path, default=None, help="JSON of all figures (default: beside the samples)")
+parser.add_argument("--out", type=Path, default=None,
+                    help="JSON of all figures (default: beside the samples; an earlier report there is replaced)")
 args = parser.parse_args()
-device = torch.device(args.device)
+device = check_device(parser, args.device)
+if not args.samples.exists():
+    parser.error(f"samples: {args.samples} does not exist")
+out = args.out or (args.samples.with_suffix(".eval.json") if args.samples.suffix == ".npz"
+                   else args.samples / "eval.json")
+check_output(parser, out, inputs=[args.samples], force=True)
+exit_on_interrupt("evaluate.py")
 
 
 # ---- images
+def read_npz(path, what):
+    """Every array of an .npz, read now: a truncated file or an object array is a clear error here."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise SystemExit(f"error: {what} {path} is not a readable .npz of arrays ({e})")
+
+
 def load_images(path, what):
     """uint8 [N, H, W, C] from a folder of images or an .npz (arr_0); checks sizes agree."""
     path = Path(path)
@@ -56,13 +74,16 @@ def load_images(path, what):
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXT)
         if not files:
             raise SystemExit(f"error: {what} folder {path} holds no images ({', '.join(IMAGE_EXT)})")
-        arrays = [np.load(f) if f.suffix == ".npy" else np.array(Image.open(f)) for f in files]
+        try:
+            arrays = [np.load(f, allow_pickle=False) if f.suffix == ".npy" else np.array(Image.open(f)) for f in files]
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {what}: an image in {path} cannot be read ({e})")
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
             raise SystemExit(f"error: {what} images have mixed sizes {sorted(shapes)[:4]}; resize them to one size first")
         images = np.stack(arrays)
-    elif path.suffix == ".npz":
-        data = np.load(path)
+    elif path.suffix == ".npz" and path.is_file():
+        data = read_npz(path, what)
         if "arr_0" not in data:
             raise SystemExit(f"error: {path} has no 'arr_0' images (keys: {list(data.keys())})")
         images = data["arr_0"]
@@ -72,8 +93,10 @@ def load_images(path, what):
         raise SystemExit(f"error: {what} must be a folder of images or an .npz, got {path}")
     if images.ndim == 3:
         images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8 or len(images) == 0:
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
         raise SystemExit(f"error: {what} must be uint8 images [N, H, W, 1|3], got {images.dtype} {list(images.shape)}")
+    if len(images) < 2:
+        raise SystemExit(f"error: {what} holds {len(images)} image(s); FID needs at least 2 (thousands to mean much)")
     return images
 
 
@@ -82,8 +105,10 @@ ref_stats = None
 if args.ref == "digits":
     ref = load_digits()[0].permute(0, 2, 3, 1).numpy()
     ref_name = "digits (1797 real images)"
-elif args.ref.endswith(".npz") and Path(args.ref).is_file() and "mu" in np.load(args.ref):
-    ref, ref_stats, ref_name = None, np.load(args.ref), args.ref
+elif args.ref.endswith(".npz") and Path(args.ref).is_file() and "mu" in (stats := read_npz(args.ref, "reference")):
+    if "sigma" not in stats:
+        raise SystemExit(f"error: reference {args.ref} has 'mu' but no 'sigma'")
+    ref, ref_stats, ref_name = None, stats, args.ref
 else:
     ref, ref_name = load_images(args.ref, "reference"), args.ref
 notes = []
@@ -113,15 +138,22 @@ if features == "inception":
     def extractor(x):
         """[B, 3, 299, 299] in 0..255 -> pool3 features (2048) | class probabilities (for IS)."""
         feats = inception(x)  # clean-fid's own call for FID features
-        probs = torch.softmax(inception.base(x, return_features=False).float(), dim=1)
+        probs = inception.base(x, return_features=False).float()  # the file returns probabilities already
         return torch.cat([feats, probs], dim=1)
 
     resize = None  # clean-fid's own 'clean' resize to 299x299
     split = (2048, None)  # the rest are class probabilities; no spatial features
     label = "Inception"
 else:
+    try:
+        clf_ckpt = load_file(args.classifier)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --classifier: {e}")
+    if not isinstance(clf_ckpt, dict) or clf_ckpt.get("format") != "mpq-dm/digit-classifier":
+        raise SystemExit(f"error: --classifier {args.classifier} is not a digit classifier checkpoint "
+                         f"(train.py --net classifier writes one; the shipped one is {DEFAULT_CLASSIFIER})")
     clf = DigitClassifier()
-    clf.load_state_dict(load_file(args.classifier)["state_dict"])
+    clf.load_state_dict(clf_ckpt["state_dict"])
     clf.to(device).eval()
     if samples.shape[1:3] != (8, 8):
         raise SystemExit(f"error: the in-domain digit network takes 8x8 images, got {samples.shape[1]}x{samples.shape[2]}")
@@ -200,9 +232,12 @@ else:
     results["sfid"] = frechet(fake_s, real_s) if fake_s.shape[1] else None
     results["is_reference"] = inception_score(real_p)
 results["is"] = inception_score(fake_p)
-if label == "Inception" and min(len(samples), results["n_reference"] or 10**9) < 2048:
-    warnings.warn(f"FID from fewer than 2048 images ({len(samples)} samples) has a rank-deficient "
-                  f"2048x2048 covariance: it is biased high and not comparable to published figures")
+n_feat = fake_f.shape[1]
+if min(len(samples), results["n_reference"] or 10**9) < max(n_feat, 1000):
+    warnings.warn(f"FID from {len(samples)} samples and {results['n_reference'] or 'precomputed'} reference images "
+                  f"is noisy" + (f" and biased high: fewer than {n_feat} images give a rank-deficient {n_feat}x{n_feat} "
+                                 f"covariance" if len(samples) < n_feat else "")
+                  + "; it is not comparable with figures from other sample counts")
 if results.get("sfid") is None and label == "Inception":
     results["sfid_note"] = "sFID needs spatial Inception features (mixed_6/conv), which clean-fid's model does not expose"
 results["k"] = args.k
@@ -216,6 +251,6 @@ summary = (f"{prefix}FID_{label} {results['fid']:.3f} | IS {results['is']:.3f} |
 for n in notes:
     print(f"note: {n}")
 print(summary)
-out = args.out or (args.samples.with_suffix(".eval.json") if args.samples.suffix == ".npz"
-                   else args.samples / "eval.json")
 out.write_text(json.dumps(results, indent=1))
+if device.type == "cuda":
+    print(f"peak CUDA memory allocated: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")

@@ -12,7 +12,6 @@ inputs are recorded from them, --calib-keep samples per step, a group of layers 
 at most --calib-mem-gb of activations are held.
 """
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -20,7 +19,9 @@ import torch
 from tqdm import tqdm
 
 from models.allocate import calibrate_layer
-from models.checkpoint import build_quant_model, fp_reference, load_fp_model, quant_checkpoint, save_atomic, write_packed
+from models.cli import (check_device, check_finite, check_output, check_steps, exit_on_interrupt, finite_float,
+                        nonneg_float, positive_float, positive_int)
+from models.checkpoint import build_quant_model, fp_reference, load_fp_model, quant_checkpoint, save_with_report, write_packed
 from models.diffusion import DDIM
 from models.digits import DEFAULT_CHECKPOINT
 from models.quant import quant_layers, refresh_weights
@@ -29,26 +30,30 @@ from models.trajectory import eps_mse, trajectories
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", type=Path, default=DEFAULT_CHECKPOINT, help="full-precision model (default: digits)")
 parser.add_argument("--config", default=None, help="official LDM checkpoints: name or YAML (guessed if omitted)")
-parser.add_argument("--wbits", type=int, default=2, help="target weight bits n (OMQ uses n-1, n, n+1)")
-parser.add_argument("--abits", type=int, default=4)
+parser.add_argument("--wbits", type=int, default=2, help="target weight bits n, 2..8 (OMQ uses n-1, n, n+1)")
+parser.add_argument("--abits", type=int, default=4, help="activation bits, 2..8")
 parser.add_argument("--method", default="omq", help="omq (mixed precision by kurtosis) or uniform (baseline)")
 parser.add_argument("--smooth", choices=["search", "on", "off"], default=None,
                     help="per-input-channel smoothing s = sqrt(max|x| / max|W|): on, off, or search (per layer, "
                          "kept where it lowers the layer's output error). Default: search for omq, off for uniform")
-parser.add_argument("--group-frac", type=float, default=0.1, help="OMQ split search step, fraction of channels")
+parser.add_argument("--group-frac", type=positive_float, default=0.1,
+                    help="OMQ split search step, fraction of channels (0 < f <= 0.5)")
 parser.add_argument("--quantize-all", action="store_true", help="also quantize skip-connection/downsample convs")
-parser.add_argument("--steps", type=int, default=20, help="DDIM steps the quantized model will sample with")
-parser.add_argument("--eta", type=float, default=0.0)
-parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance of the trajectories")
-parser.add_argument("--calib-samples", type=int, default=128, help="calibration trajectories")
-parser.add_argument("--calib-keep", type=int, default=32, help="UNet inputs per step used to calibrate layers")
-parser.add_argument("--calib-mem-gb", type=float, default=4.0, help="activation memory held while calibrating")
-parser.add_argument("--eval-samples", type=int, default=64, help="held-out trajectories for the eps-MSE check")
-parser.add_argument("--batch-size", type=int, default=64)
+parser.add_argument("--quantize-conv1d", action="store_true",
+                    help="also quantize the Conv1d qkv/proj_out of LSUN attention blocks (the official code does not)")
+parser.add_argument("--steps", type=positive_int, default=20, help="DDIM steps the quantized model will sample with")
+parser.add_argument("--eta", type=nonneg_float, default=0.0)
+parser.add_argument("--guidance", type=finite_float, default=2.0, help="classifier-free guidance of the trajectories")
+parser.add_argument("--calib-samples", type=positive_int, default=128, help="calibration trajectories")
+parser.add_argument("--calib-keep", type=positive_int, default=32, help="UNet inputs per step used to calibrate layers")
+parser.add_argument("--calib-mem-gb", type=positive_float, default=4.0, help="activation memory held while calibrating")
+parser.add_argument("--eval-samples", type=positive_int, default=64, help="held-out trajectories for the eps-MSE check")
+parser.add_argument("--batch-size", type=positive_int, default=64)
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--pack", action="store_true", help="also write <out>.packed.pt: weights bit-packed at their bit-widths")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 parser.add_argument("--out", type=Path, default=None, help="default runs/quant/w<n>a<m>_<method>.pt")
+parser.add_argument("--force", action="store_true", help="replace --out (and its .json) if it exists")
 args = parser.parse_args()
 if args.method not in ("omq", "uniform"):
     parser.error(f"unknown --method {args.method!r}: use omq or uniform")
@@ -56,18 +61,22 @@ if not 2 <= args.wbits <= 8:
     parser.error(f"--wbits must be 2..8 (OMQ gives some channels n-1 bits, so n = 1 would leave 0 bits), got {args.wbits}")
 if not 2 <= args.abits <= 8:
     parser.error(f"--abits must be 2..8, got {args.abits}")
-if min(args.calib_samples, args.calib_keep, args.eval_samples) < 1:
-    parser.error("--calib-samples, --calib-keep and --eval-samples must be positive")
+if args.group_frac > 0.5:
+    parser.error(f"--group-frac must be in (0, 0.5] (n+1 and n-1 channels come in pairs), got {args.group_frac}")
+check_steps(parser, args.steps)
+device = check_device(parser, args.device)
 smooth = args.smooth or ("search" if args.method == "omq" else "off")
 smooth_alphas = {"on": (0.5,), "off": (0.0,), "search": (0.0, 0.5)}[smooth]
-out_path = args.out or Path("runs/quant") / f"w{args.wbits}a{args.abits}_{args.method}.pt"
-device = torch.device(args.device)
+out_path = check_output(parser, args.out or Path("runs/quant") / f"w{args.wbits}a{args.abits}_{args.method}.pt",
+                        inputs=[args.ckpt], force=args.force)
+exit_on_interrupt("quantize.py")
 torch.manual_seed(args.seed)
 t_start = time.time()
 
 # ---- load the full-precision model
 try:
     model = load_fp_model(args.ckpt, args.config).to(device)
+    check_steps(parser, args.steps, model.config["schedule"]["timesteps"])
 except (FileNotFoundError, ValueError) as e:
     parser.error(str(e))
 ddim = DDIM(model.alphas_cumprod, steps=args.steps, eta=args.eta)
@@ -91,7 +100,7 @@ for i, parts in keep.items():
 
 # ---- 2. the quantized model, and the layers' full-precision inputs, a group at a time
 qmodel = build_quant_model(model, dict(wbits=args.wbits, abits=args.abits, steps=args.steps,
-                                       quantize_all=args.quantize_all))
+                                       quantize_all=args.quantize_all, quantize_conv1d=args.quantize_conv1d))
 qlayers = quant_layers(qmodel.unet.unet)
 fp_modules = dict(model.unet.named_modules())
 
@@ -137,7 +146,9 @@ bar = tqdm(total=len(qlayers), desc=f"calibrate ({args.method}, W{args.wbits}A{a
 for group in groups:
     inputs = record_inputs(group)
     for n in group:
+        t_layer = time.time()
         report[n] = calibrate_layer(qlayers[n], inputs[n], args.method, smooth_alphas, args.group_frac)
+        report[n]["seconds"] = time.time() - t_layer
         bar.update()
     del inputs
 bar.close()
@@ -146,6 +157,8 @@ refresh_weights(qmodel.unet)
 
 # ---- 3. check: one-step eps MSE against FP on held-out trajectories (another seed)
 mse = eps_mse(model, qmodel, ddim, args.eval_samples, args.batch_size, args.seed + 10_000, args.guidance, device)
+
+check_finite("the quantized model's eps MSE", torch.tensor(mse))
 
 # ---- report and save
 rows = [(n, r) for n, r in report.items()]
@@ -165,14 +178,16 @@ print(f"{len(mixed)} layers at W{args.wbits}A{args.abits} ({sum(r['high'] > 0 fo
       f"{sum(r['mode'] == 'w8a8' for r in report.values())} at W8A8, {sum(r['mode'] == 'fp' for r in report.values())} in FP")
 print(f"eps MSE vs FP over {ddim.steps} steps on {args.eval_samples} held-out trajectories: {mse:.5f}")
 settings = dict(wbits=args.wbits, abits=args.abits, steps=args.steps, eta=args.eta, quantize_all=args.quantize_all,
+                quantize_conv1d=args.quantize_conv1d,
                 method=args.method, smooth=smooth, group_frac=args.group_frac, guidance=args.guidance,
                 calib_samples=args.calib_samples, calib_keep=args.calib_keep, seed=args.seed)
 elapsed = time.time() - t_start
 ckpt = quant_checkpoint(fp_reference(model.cpu(), args.ckpt, args.config), qmodel.cpu(), settings,
                         report=report, eps_mse=mse, source=str(args.ckpt))
-save_atomic(ckpt, out_path)
+json_path = out_path.with_suffix(".json")
+save_with_report(ckpt, out_path, dict(settings=settings, eps_mse=mse, seconds=elapsed, layers=report))
 if args.pack:
     write_packed(ckpt, qmodel, out_path.with_suffix(".packed.pt"))
-json_path = out_path.with_suffix(".json")
-json_path.write_text(json.dumps(dict(settings=settings, eps_mse=mse, seconds=elapsed, layers=report), indent=1))
 print(f"wrote {out_path} and {json_path} in {elapsed:.0f} s")
+if device.type == "cuda":
+    print(f"peak CUDA memory allocated: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,37 +29,50 @@ from PIL import Image
 from tqdm import tqdm
 
 from models.checkpoint import load_sampling_model
-from models.diffusion import DDIM, ddim_sample, randn_per_sample, sample_generators
+from models.cli import (check_device, check_finite, check_folder, check_steps, exit_on_interrupt, finite_float,
+                        int_list, nonneg_float, positive_int)
+from models.diffusion import DDIM, ddim_sample, randn_per_sample, sample_generators, to_uint8
 from models.digits import DEFAULT_CHECKPOINT
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", type=Path, default=DEFAULT_CHECKPOINT, help="default: the embedded digits model")
 parser.add_argument("--config", default=None, help="official LDM checkpoints: cin256-v2, lsun_beds256, "
                     "lsun_churches256 or a YAML path (guessed from the weights when omitted)")
-parser.add_argument("--num-images", type=int, default=64)
-parser.add_argument("--batch-size", type=int, default=64)
-parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 20, or the quantized model's)")
-parser.add_argument("--eta", type=float, default=None, help="default: 0, or the quantized model's")
-parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1 = none)")
-parser.add_argument("--classes", type=str, default=None, help="comma-separated class ids to cycle through")
+parser.add_argument("--num-images", type=positive_int, default=64)
+parser.add_argument("--batch-size", type=positive_int, default=64)
+parser.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (default: 20, or the quantized model's)")
+parser.add_argument("--eta", type=nonneg_float, default=None, help="default: 0, or the quantized model's")
+parser.add_argument("--guidance", type=finite_float, default=2.0, help="classifier-free guidance scale (1 = none)")
+parser.add_argument("--classes", type=int_list, default=None, help="comma-separated class ids to cycle through")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 parser.add_argument("--out", type=Path, default=Path("runs/samples"))
+parser.add_argument("--force", action="store_true", help="replace the images of an earlier run in --out")
 args = parser.parse_args()
-if args.num_images < 1 or args.batch_size < 1:
-    parser.error("--num-images and --batch-size must be positive")
-if args.num_images < int(os.environ.get("WORLD_SIZE", "1")):
+world = int(os.environ.get("WORLD_SIZE", "1"))
+if args.num_images < world:
     parser.error("--num-images must be at least the number of processes")
+if args.steps is not None:
+    check_steps(parser, args.steps)
+device = check_device(parser, args.device)
+# an earlier run's images would be mixed with (or scored as) this run's
+earlier = [p for p in (args.out / "samples.npz", args.out / "grid.png") if p.exists()]
+if (args.out / "images").is_dir():
+    earlier += sorted((args.out / "images").glob("*.png"))
+if earlier and not args.force:
+    parser.error(f"--out {args.out} holds the images of an earlier run ({len(earlier)} files); pass --force to "
+                 f"replace them, or choose another --out")
+check_folder(parser, args.out)
+exit_on_interrupt("sample.py")
 
 # ---- distributed: one process per device under torchrun, else a single process
-world = int(os.environ.get("WORLD_SIZE", "1"))
 rank = 0
 if world > 1:
-    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    if device.type == "cuda":  # each rank its own GPU, before NCCL binds to the current one
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank()
-    if args.device == "cuda":
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-device = torch.device(args.device)
 
 # ---- load
 try:
@@ -74,7 +88,7 @@ if kind != "full precision":  # activation parameters exist per step of one DDIM
         parser.error(f"this {kind} model was calibrated for {settings['steps']} DDIM steps, not {steps}")
 ddim = DDIM(model.alphas_cumprod, steps=steps, eta=eta)
 if model.num_classes:
-    classes = [int(c) for c in args.classes.split(",")] if args.classes else list(range(model.num_classes))
+    classes = args.classes or list(range(model.num_classes))
     if not all(0 <= c < model.num_classes for c in classes):
         parser.error(f"--classes must be in 0..{model.num_classes - 1}")
     labels = [classes[i % len(classes)] for i in range(args.num_images)]
@@ -84,15 +98,18 @@ else:
 # ---- sample: this rank's images, in batches
 mine = list(range(rank, args.num_images, world))
 images = []
+t_sample = time.time()
 for start in tqdm(range(0, len(mine), args.batch_size), desc=f"sample ({kind})", disable=rank != 0):
     ids = mine[start:start + args.batch_size]
     gens = sample_generators(args.seed, ids)
     x_T = randn_per_sample(gens, model.latent_shape).to(device)
     context, uncond = model.context(torch.tensor([labels[i] for i in ids], device=device)) if model.num_classes else (None, None)
     z = ddim_sample(model.unet, ddim, x_T, context, uncond, args.guidance, gens)
+    check_finite(f"the model's output (images {ids[0]}..{ids[-1]})", z)
     x = model.decode(z)
-    images.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+    images.append(to_uint8(x).cpu())
 images = torch.cat(images).numpy() if images else np.zeros((0,), np.uint8)
+seconds_sampling = time.time() - t_sample
 if world > 1:  # rank 0 puts every rank's images back in index order
     parts = [None] * world if rank == 0 else None
     dist.gather_object(images, parts, dst=0)
@@ -105,6 +122,8 @@ if world > 1:  # rank 0 puts every rank's images back in index order
         raise SystemExit(0)
 
 # ---- save
+for p in earlier:  # --force: the earlier run's files go
+    p.unlink()
 (args.out / "images").mkdir(parents=True, exist_ok=True)
 to_pil = lambda a: Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
 for i, im in enumerate(images):
@@ -120,5 +139,8 @@ to_pil(grid).resize((cols * w * zoom, rows * h * zoom), Image.NEAREST).save(args
 np.savez(args.out / "samples.npz", arr_0=images, labels=np.array(labels, dtype=np.int64))
 (args.out / "samples.json").write_text(json.dumps({**vars(args), "ckpt": str(args.ckpt), "out": str(args.out),
                                                     "model": kind, "steps": steps, "eta": eta, "world_size": world,
-                                                    "n_images": len(images)}, indent=1))
+                                                    "n_images": len(images), "seconds_sampling": seconds_sampling},
+                                                   indent=1))
 print(f"wrote {len(images)} images from the {kind} model to {args.out} (grid.png, samples.npz)")
+if device.type == "cuda":
+    print(f"peak CUDA memory allocated: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")

@@ -1,11 +1,14 @@
 """Trains the embedded default from scratch on the CPU: the class-conditional pixel-space diffusion
 model on 8x8 digits (--net unet), or the small digit classifier that checks its samples and serves as
 evaluate.py's in-domain feature network (--net classifier). The defaults reproduce the shipped files
-in checkpoints/ (train the classifier first: the UNet run ends by classifying its own samples).
+in checkpoints/ (train the classifier first: the UNet run ends by classifying its own samples with
+the shipped classifier). Outputs go to runs/train/ unless --out names another file, so the shipped
+files change only when asked:
 
-    python train.py --net classifier
-    python train.py --net unet
-    python train.py --net unet --resume        # continue a killed run from its last checkpoint
+    python train.py --net classifier                   # -> runs/train/digits_classifier.pt
+    python train.py --net unet                         # -> runs/train/digits_unet.pt
+    python train.py --net unet --resume                # continue a killed run from its last checkpoint
+    python train.py --net unet --out checkpoints/digits_unet.pt --force   # replace the shipped file
 """
 import argparse
 import copy
@@ -16,34 +19,46 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from models.cli import (check_folder, check_output, exit_on_interrupt, finite_float, positive_float, positive_int,
+                        unit_float)
 from models.checkpoint import VERSION, fp_checkpoint, load_file, save_atomic
 from models.classifier import DigitClassifier
 from models.diffusion import DDIM, ddim_sample, randn_per_sample, sample_generators
-from models.digits import DEFAULT_CHECKPOINT, DEFAULT_CLASSIFIER, DIGITS_CONFIG, load_digits, to_model_range
+from models.digits import DEFAULT_CLASSIFIER, DIGITS_CONFIG, load_digits, to_model_range
 from models.ldm import DiffusionModel
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--net", choices=["unet", "classifier"], default="unet")
-parser.add_argument("--steps", type=int, default=None, help="default: 5000 (unet), 1500 (classifier)")
-parser.add_argument("--batch-size", type=int, default=128)
-parser.add_argument("--lr", type=float, default=None, help="default: 5e-4 (unet), 1e-3 (classifier)")
-parser.add_argument("--ema-decay", type=float, default=0.999, help="unet: the shipped weights are the EMA")
-parser.add_argument("--class-dropout", type=float, default=0.1, help="unet: label -> unconditional, for guidance")
-parser.add_argument("--holdout", type=int, default=300, help="classifier: images held out to measure accuracy")
-parser.add_argument("--eval-samples", type=int, default=1000, help="unet: samples classified at the end")
-parser.add_argument("--guidance", type=float, default=2.0, help="unet: guidance scale of the final check")
+parser.add_argument("--steps", type=positive_int, default=None, help="default: 5000 (unet), 1500 (classifier)")
+parser.add_argument("--batch-size", type=positive_int, default=128)
+parser.add_argument("--lr", type=positive_float, default=None, help="default: 5e-4 (unet), 1e-3 (classifier)")
+parser.add_argument("--ema-decay", type=unit_float, default=0.999, help="unet: the shipped weights are the EMA")
+parser.add_argument("--class-dropout", type=unit_float, default=0.1, help="unet: label -> unconditional, for guidance")
+parser.add_argument("--holdout", type=positive_int, default=300, help="classifier: images held out to measure accuracy")
+parser.add_argument("--eval-samples", type=positive_int, default=1000, help="unet: samples classified at the end")
+parser.add_argument("--guidance", type=finite_float, default=2.0, help="unet: guidance scale of the final check")
 parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--out", type=Path, default=None, help="default: the shipped checkpoint path")
+parser.add_argument("--out", type=Path, default=None,
+                    help="default: runs/train/digits_<net>.pt (the shipped files in checkpoints/ are replaced only "
+                         "when named here, with --force)")
 parser.add_argument("--run-dir", type=Path, default=None, help="training state; default runs/train_<net>")
-parser.add_argument("--ckpt-every", type=int, default=500, help="a killed run loses at most this many steps")
+parser.add_argument("--ckpt-every", type=positive_int, default=500, help="a killed run loses at most this many steps")
 parser.add_argument("--resume", action="store_true", help="continue from <run-dir>/state.pt")
-parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 args = parser.parse_args()
 is_unet = args.net == "unet"
 steps = args.steps or (5000 if is_unet else 1500)
 lr = args.lr or (5e-4 if is_unet else 1e-3)
-out_path = args.out or (DEFAULT_CHECKPOINT if is_unet else DEFAULT_CLASSIFIER)
+if not is_unet and args.holdout >= 1797:
+    parser.error(f"--holdout must leave training images: the data has 1797, got {args.holdout}")
+out_path = check_output(parser, args.out or Path("runs/train") / f"digits_{args.net}.pt", force=args.force)
 run_dir = args.run_dir or Path("runs") / f"train_{args.net}"
+state_path = run_dir / "state.pt"
+if args.resume and not state_path.is_file():
+    parser.error(f"--resume: no training state at {state_path}; run without --resume to start")
+check_folder(parser, run_dir, "--run-dir")
+exit_on_interrupt(f"train.py (continue with --resume from {state_path})")
 if args.threads:
     torch.set_num_threads(args.threads)
 
@@ -69,11 +84,19 @@ opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0 if is_unet e
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))  # short warm-up
 gen = torch.Generator().manual_seed(args.seed)  # all batch and noise randomness comes from here
 step = 0
-state_path = run_dir / "state.pt"
+# every setting that shapes the run: a resumed run must have been started with the same ones
+fingerprint = dict(net=args.net, steps=steps, batch_size=args.batch_size, lr=lr, ema_decay=args.ema_decay,
+                   class_dropout=args.class_dropout, holdout=args.holdout, seed=args.seed)
 if args.resume:
-    state = load_file(state_path)
-    if state.get("net") != args.net:
-        raise ValueError(f"{state_path} is a {state.get('net')} run, not {args.net}")
+    try:
+        state = load_file(state_path)
+    except ValueError as e:
+        parser.error(f"--resume: {e}")
+    old = state.get("fingerprint") or {}
+    if differ := [k for k in fingerprint if old.get(k) != fingerprint[k]]:
+        parser.error(f"--resume: {state_path} was made with other settings: "
+                     + ", ".join(f"{k} {old.get(k)} (now {fingerprint[k]})" for k in differ)
+                     + ". Resume with the same settings, or start over without --resume")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
@@ -85,7 +108,7 @@ if args.resume:
 
 
 def save_state():
-    state = dict(net=args.net, step=step, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+    state = dict(fingerprint=fingerprint, step=step, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
                  gen=gen.get_state(), args=vars(args))
     if is_unet:
         state["ema"] = ema.state_dict()

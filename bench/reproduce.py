@@ -102,7 +102,7 @@ def cell(name, n):
     samples = args.out / "samples" / tag
     seed = args.sample_seed + 1 if name == "fp2" else args.sample_seed
     times["sample"] = run(tag + "_sample", "sample.py", *(["--ckpt", ckpt] if ckpt else []), "--num-images", args.num_images,
-                          "--seed", seed, "--out", samples)
+                          "--seed", seed, "--out", samples, "--force")
     times["evaluate"] = run(tag + "_evaluate", "evaluate.py", samples / "samples.npz")
     metrics = json.loads((samples / "samples.eval.json").read_text())
     fid_vs_fp = None

@@ -60,7 +60,7 @@ def timed_sampling(models, n, steps, guidance):
 
 
 def quantized(model, steps):
-    settings = dict(wbits=2, abits=4, steps=steps, quantize_all=False, eta=0.0)
+    settings = dict(wbits=2, abits=4, steps=steps, quantize_all=False, quantize_conv1d=False, eta=0.0)
     q = build_quant_model(model, settings).to(device).eval()
     with torch.no_grad():
         refresh_weights(q.unet)

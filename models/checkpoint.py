@@ -17,6 +17,21 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def save_with_report(ckpt, path, report):
+    """Writes a checkpoint and its JSON report (<path>.json) so that an interrupted run never leaves
+    a new checkpoint beside an old report: the old report goes first, then each file is written
+    atomically."""
+    import json
+
+    path = Path(path)
+    json_path = path.with_suffix(".json")
+    json_path.unlink(missing_ok=True)
+    save_atomic(ckpt, path)
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, json_path)
+
+
 def load_file(path):
     path = Path(path)
     if not path.is_file():
@@ -47,6 +62,9 @@ def load_fp_model(path, config=None, ckpt=None):
 
     ckpt = load_file(path) if ckpt is None else ckpt
     if isinstance(ckpt, dict) and ckpt.get("format") == FP_FORMAT:
+        if config is not None:
+            raise ValueError(f"--config {config} is for official LDM checkpoints; {path} is this project's own "
+                             f"checkpoint and carries its config: drop --config")
         check_format(ckpt, path, FP_FORMAT)
         model = DiffusionModel(ckpt["config"])
         model.load_state_dict(ckpt["state_dict"])
@@ -128,13 +146,24 @@ def build_quant_model(fp_model, settings):
     """A quantized copy of fp_model (sharing nothing with it) with the layers wrapped per settings."""
     import copy
 
+    qmodel = copy.deepcopy(fp_model)
+    wrap_quant_unet(qmodel, settings)
+    return qmodel
+
+
+def wrap_quant_unet(model, settings):
+    """Wraps model.unet's layers per settings, in place (model.unet becomes a QuantUNet). One set of
+    activation parameters per DDIM sampling step of the official schedule for settings['steps'].
+    Checkpoints written before the Conv1d policy existed quantized Conv1d layers: a missing
+    'quantize_conv1d' means True."""
     from models.allocate import wrap_unet
+    from models.diffusion import ddim_timesteps
     from models.quant import QuantUNet
 
-    qmodel = copy.deepcopy(fp_model)
-    wrap_unet(qmodel.unet, settings["wbits"], settings["abits"], settings["steps"], settings["quantize_all"])
-    qmodel.unet = QuantUNet(qmodel.unet, settings)
-    return qmodel
+    n_steps = len(ddim_timesteps(settings["steps"], model.config["schedule"]["timesteps"]))
+    wrap_unet(model.unet, settings["wbits"], settings["abits"], n_steps, settings["quantize_all"],
+              settings.get("quantize_conv1d", True))
+    model.unet = QuantUNet(model.unet, settings)
 
 
 def load_quant_model(path, ckpt=None):
@@ -146,7 +175,9 @@ def load_quant_model(path, ckpt=None):
     check_format(ckpt, path, QUANT_FORMAT)
     fp_model = load_fp_reference(ckpt["fp"])
     qmodel = build_quant_model(fp_model, ckpt["settings"])
-    qmodel.unet.unet.load_state_dict(ckpt["unet_state_dict"])
+    # assign: the model takes the file's tensors rather than copies (the caller may keep `ckpt`; on
+    # LDM-4 a copy is 1.7 GB)
+    qmodel.unet.unet.load_state_dict(ckpt["unet_state_dict"], assign=True)
     with torch.no_grad():
         refresh_weights(qmodel.unet)
     return fp_model, qmodel.eval(), ckpt
@@ -163,18 +194,16 @@ def packed_checkpoint(qckpt, qmodel):
 def load_packed_model(path, ckpt=None):
     """The quantized model of a packed checkpoint, its weights unpacked once (a packed layer keeps
     the dequantized weight as is: `frozen`)."""
-    from models.allocate import wrap_unet
     from models.ldm import DiffusionModel
     from models.pack import PACKED_FORMAT, unpack_model
-    from models.quant import QuantUNet, quant_layers, refresh_weights
+    from models.quant import quant_layers, refresh_weights
 
     ckpt = load_file(path) if ckpt is None else ckpt
     check_format(ckpt, path, PACKED_FORMAT)
     s = ckpt["settings"]
     with torch.device("meta"):
         model = DiffusionModel(ckpt["config"])
-        wrap_unet(model.unet, s["wbits"], s["abits"], s["steps"], s["quantize_all"])
-        model.unet = QuantUNet(model.unet, s)
+        wrap_quant_unet(model, s)
     layers = quant_layers(model.unet.unet)
     for name in ckpt["packed"]["layers"]:
         layers[name].frozen = True
@@ -191,6 +220,9 @@ def load_sampling_model(path, config=None):
 
     ckpt = load_file(path)
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt in (QUANT_FORMAT, PACKED_FORMAT) and config is not None:
+        raise ValueError(f"--config {config} is for official LDM checkpoints; {path} is a {fmt} checkpoint "
+                         f"and carries its config: drop --config")
     if fmt == QUANT_FORMAT:
         return load_quant_model(path, ckpt)[1], "quantized"
     if fmt == PACKED_FORMAT:

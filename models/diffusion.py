@@ -16,16 +16,27 @@ def linear_alphas_cumprod(timesteps=1000, linear_start=0.0015, linear_end=0.0195
 
 
 def ddim_timesteps(steps, train_timesteps=1000):
-    """LDM's 'uniform' DDIM discretisation: 0, c, 2c, ... shifted by one (t = 1, 51, ... for 20 of 1000)."""
+    """LDM's 'uniform' DDIM discretisation (make_ddim_timesteps): every c = T // steps-th timestep
+    from 0, shifted by one (t = 1, 51, ..., 951 for 20 of 1000). Where c does not divide T this
+    gives more than `steps` timesteps, as the official sampler runs them (7 steps: 8, up to t = 995);
+    where the last one would pass T - 1 (3 or 300 steps of 1000) the official code fails, and so
+    does this, with a message."""
     if not 1 <= steps <= train_timesteps:
         raise ValueError(f"DDIM steps must be in 1..{train_timesteps}, got {steps}")
     c = train_timesteps // steps
-    return np.arange(0, train_timesteps, c)[:steps] + 1
+    ts = np.arange(0, train_timesteps, c) + 1
+    if ts[-1] >= train_timesteps:
+        raise ValueError(f"{steps} DDIM steps: the official uniform schedule (every {c}th of {train_timesteps} "
+                         f"timesteps, shifted by one) would end at t = {ts[-1]}, past the last timestep "
+                         f"{train_timesteps - 1}; choose another count (e.g. 10, 20, 25, 50, 100, 200, 250)")
+    return ts
 
 
 class DDIM:
     """The DDIM update of LDM's DDIMSampler. Step i (0-based, in sampling order) uses timestep
-    `timesteps[i]`, running from the noisiest to the cleanest."""
+    `timesteps[i]`, running from the noisiest to the cleanest. `steps` is the number of steps run,
+    which is the requested count except where it does not divide the training steps (see
+    ddim_timesteps); `requested` keeps the count asked for."""
 
     def __init__(self, alphas_cumprod, steps=20, eta=0.0):
         ts = ddim_timesteps(steps, len(alphas_cumprod))
@@ -36,7 +47,7 @@ class DDIM:
         # sampling order: noisiest first
         self.timesteps = torch.tensor(ts[::-1].copy())
         self.alpha, self.alpha_prev, self.sigma = (v.flip(0).float() for v in (a, a_prev, sigma))
-        self.steps, self.eta = steps, eta
+        self.steps, self.requested, self.eta = len(ts), steps, eta
 
     def step(self, x, eps, i, noise=None):
         """x_t -> x_{t-1} given the model's eps; returns (x_prev, pred_x0)."""
@@ -46,6 +57,13 @@ class DDIM:
         if self.eta > 0:
             x_prev = x_prev + sigma * noise
         return x_prev, pred_x0
+
+
+def to_uint8(x):
+    """Images in [-1, 1] ([B, C, H, W]) -> uint8 [B, H, W, C] as the official sampling scripts make
+    them: 255 * clamp((x + 1) / 2, 0, 1), truncated (not rounded) by the cast, so that FID is
+    computed on the same pixels as the published figures."""
+    return (255.0 * torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def sample_generators(seed, indices):

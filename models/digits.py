@@ -34,7 +34,3 @@ def load_digits():
 def to_model_range(images_uint8):
     return images_uint8.float() / 127.5 - 1.0
 
-
-def to_uint8(x):
-    """Model-range images in [-1, 1] to uint8 0..255."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

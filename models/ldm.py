@@ -95,7 +95,8 @@ class DiffusionModel(nn.Module):
         """Latents (or pixels) to images in [-1, 1]."""
         if self.first_stage_model is None:
             return z.clamp(-1, 1)
-        return self.first_stage_model(z / self.scale_factor).clamp(-1, 1)
+        # 1 / scale_factor * z, as the official decode_first_stage: z / scale_factor can differ in the last bit
+        return self.first_stage_model(1.0 / self.scale_factor * z).clamp(-1, 1)
 
 
 def config_from_yaml(path):

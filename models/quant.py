@@ -14,6 +14,7 @@ cached; forward never requantizes it.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 MODES = ("quant", "w8a8", "fp")
 
@@ -36,6 +37,17 @@ def quant_int(x, scale, zero, qmax):
     return torch.clamp(torch.round(x / scale + zero), torch.zeros_like(qmax), qmax)
 
 
+def _squared_error(flat, scale, zero, qmax):
+    """Per row, sum of (fake_quant(flat) - flat)^2: fake_quant's arithmetic in the same order (so
+    the same values), in place on one temporary. The weight range search runs this 20 times per
+    bit-width on every weight of the model; fresh tensors per operation made it most of
+    quantize.py's time on LDM-4."""
+    t = flat / scale
+    t.add_(zero).round_()
+    torch.clamp(t, torch.zeros_like(qmax), qmax, out=t)
+    return t.sub_(zero).mul_(scale).sub_(flat).pow_(2).sum(1)
+
+
 def range_search(x, qmax, dim=None, grid=20, integer_zero=False):
     """Scale and zero-point minimising the squared quantization error, over clipping ratios
     alpha in (0, 1] of the [min, max] range (low bit-widths want tight clipping, plain min/max is
@@ -52,7 +64,7 @@ def range_search(x, qmax, dim=None, grid=20, integer_zero=False):
         lo, hi = lo0 * alpha, hi0 * alpha
         scale = ((hi - lo) / qmax).clamp(min=1e-8)
         zero = rnd(-lo / scale)
-        err = (fake_quant(flat, scale[:, None], zero[:, None], qmax[:, None]) - flat).pow(2).sum(1)
+        err = _squared_error(flat, scale[:, None], zero[:, None], qmax[:, None])
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -103,6 +115,7 @@ class QuantLayer(nn.Module):
         self.a_scale = nn.Parameter(torch.ones(n_steps))
         self.a_zero = nn.Parameter(torch.zeros(n_steps))
         self.lora_A = self.lora_B = None
+        self.recompute = False  # training: recompute activations in backward (distill.py --recompute)
 
     # ---- weights
     def _channel_view(self, v, ndim, dim):
@@ -124,11 +137,18 @@ class QuantLayer(nn.Module):
         return fake_quant(w, view(self.w_scale.abs().clamp(min=1e-8)), view(self.w_zero), qmax)
 
     def refresh(self):
-        """Recompute the cached fake-quantized weight (with autograd if enabled)."""
+        """Recompute the cached fake-quantized weight (with autograd if enabled). In training the
+        fake-quantization's weight-sized intermediates (W + BA, its scaled, rounded and clamped
+        copies) are not kept for backward but recomputed there, layer by layer: on LDM-4 they would
+        be several times the model's size."""
         if self.mode == "fp":
             self.w_q = None
+        elif self.frozen:
+            self.w_q = self.layer.weight
+        elif torch.is_grad_enabled():
+            self.w_q = checkpoint(self.quant_weight, use_reentrant=False)
         else:
-            self.w_q = self.layer.weight if self.frozen else self.quant_weight()
+            self.w_q = self.quant_weight()
         self.smoothed = not bool((self.smooth == 1).all())  # most layers skip the division
 
     @torch.no_grad()
@@ -178,6 +198,12 @@ class QuantLayer(nn.Module):
             return self.layer(x)
         if self.w_q is None:
             self.refresh()
+        if self.recompute and torch.is_grad_enabled():
+            # keep only the layer's input for backward; its quantized copy and output are recomputed
+            return checkpoint(self._quant_forward, x, use_reentrant=False)
+        return self._quant_forward(x)
+
+    def _quant_forward(self, x):
         x = self.quant_input(x)
         if isinstance(self.layer, nn.Linear):
             return F.linear(x, self.w_q, self.layer.bias)

@@ -134,3 +134,20 @@ def test_distilled_checkpoint_is_a_plain_quantized_model(quant_ckpts, tmp_path):
     q0 = torch.load(quant_ckpts["uniform"], weights_only=False)["unet_state_dict"]
     changed = [k for k, v in ckpt["unet_state_dict"].items() if k.endswith("layer.weight") and not torch.equal(v, q0[k])]
     assert changed
+
+
+def test_relation_loss_in_row_blocks_equals_the_whole_map():
+    """Large feature maps are compared a block of relation rows at a time (remade in backward):
+    the same loss and gradient as the whole HW x HW map at once."""
+    from models.trd import relation_log_probs
+
+    torch.manual_seed(0)
+    f_fp = torch.randn(2, 8, 12, 12)
+    f_q = (f_fp + 0.3 * torch.randn_like(f_fp)).requires_grad_(True)
+    lp, lq = relation_log_probs(f_fp), relation_log_probs(f_q)
+    whole = (lp.exp() * (lp - lq)).sum(-1).mean()
+    (g_whole,) = torch.autograd.grad(whole, f_q)
+    blocks = relation_kl(f_fp, f_q, block_rows=50)  # 144 rows: blocks of 50, 50, 44
+    (g_blocks,) = torch.autograd.grad(blocks, f_q)
+    assert torch.allclose(blocks, whole, rtol=1e-6) and blocks > 0
+    assert torch.allclose(g_blocks, g_whole, rtol=1e-4, atol=1e-9) and g_whole.abs().max() > 0

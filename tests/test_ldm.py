@@ -195,3 +195,98 @@ def test_ddim_timesteps_and_schedule_match_ldm():
     x_prev, x0 = ddim.step(x, eps, 0)
     a = ac[951]
     assert torch.allclose(x0, (x - (1 - a).sqrt() * eps) / a.sqrt())
+
+
+# the official code's own count of quantized layers (quant_model.py: "265 for imagenet, 73 for
+# lsun-bedroom, 109 for lsun-church"): it wraps Conv2d and Linear, skips 'skip'/'op' convs
+OFFICIAL_LAYER_COUNTS = {"cin256-v2": 265, "lsun_beds256": 73, "lsun_churches256": 109}
+
+
+def quantized_layer_count(config, **flags):
+    from models.allocate import wrap_unet
+
+    model = meta_model(config)
+    with torch.device("meta"):
+        layers = wrap_unet(model.unet, 2, 4, 20, **flags)
+    return sum(q.mode != "fp" for q in layers.values()), sum(q.mode == "w8a8" for q in layers.values())
+
+
+@pytest.mark.parametrize("name", sorted(LDM_CONFIGS))
+def test_quantized_layer_counts_match_the_official_code(name):
+    assert quantized_layer_count(name) == (OFFICIAL_LAYER_COUNTS[name], 4)
+    # the attention blocks' Conv1d qkv/proj_out (LSUN only) are quantized only when asked for
+    extra = {"cin256-v2": 0, "lsun_beds256": 32, "lsun_churches256": 42}[name]
+    assert quantized_layer_count(name, quantize_conv1d=True)[0] == OFFICIAL_LAYER_COUNTS[name] + extra
+
+
+@need_shared
+@pytest.mark.parametrize("name", sorted(LDM_CONFIGS))
+def test_quantized_layer_counts_from_the_official_yaml(name):
+    """The same counts for the model built from the official YAML, whose names and shapes are the
+    manifest's (test_official_yaml_gives_builtin_config)."""
+    assert quantized_layer_count(config_from_yaml(SHARED / f"{name}.yaml"))[0] == OFFICIAL_LAYER_COUNTS[name]
+
+
+def official_ddim_timesteps(steps, T=1000):
+    """make_ddim_timesteps('uniform', steps, T) of the official DDIMSampler, written out."""
+    import numpy as np
+
+    c = T // steps
+    return np.asarray(list(range(0, T, c))) + 1
+
+
+@pytest.mark.parametrize("steps", [20, 25, 50, 7, 30, 100, 250])
+def test_ddim_timesteps_equal_the_official_schedule(steps):
+    from models.diffusion import ddim_timesteps, linear_alphas_cumprod
+
+    ref = official_ddim_timesteps(steps)
+    assert list(ddim_timesteps(steps)) == list(ref)
+    ddim = DDIM(linear_alphas_cumprod(), steps=steps)
+    assert ddim.steps == len(ref) and ddim.requested == steps
+    assert list(ddim.timesteps) == list(ref[::-1])
+    if steps == 7:  # 8 steps from t = 995, as the official sampler runs them
+        assert ddim.steps == 8 and ddim.timesteps[0] == 995
+
+
+@pytest.mark.parametrize("steps", [3, 300])
+def test_ddim_step_counts_the_official_schedule_cannot_do_are_refused(steps):
+    from models.diffusion import ddim_timesteps
+
+    with pytest.raises(ValueError, match="past the last timestep"):
+        ddim_timesteps(steps)
+
+
+def test_uint8_conversion_truncates_as_the_official_scripts():
+    """255 * clamp((x + 1) / 2, 0, 1) cast to uint8 (latent-diffusion's and MPQ-DM's sampling
+    scripts, through numpy): truncation, not rounding."""
+    import numpy as np
+
+    from models.diffusion import to_uint8
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.rand(2, 3, 16, 16) * 2.4 - 1.2, torch.linspace(-1, 1, 2 * 3 * 16 * 16).reshape(2, 3, 16, 16)])
+    official = (255. * torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0).permute(0, 2, 3, 1).numpy()).astype(np.uint8)
+    ours = to_uint8(x)
+    assert ours.dtype == torch.uint8 and ours.shape == (4, 16, 16, 3)
+    assert np.array_equal(ours.numpy(), official)
+    rounded = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    assert (rounded.int() - ours.int()).float().mean() > 0.4  # rounding is half a level brighter
+    assert to_uint8(torch.tensor([0.999]).reshape(1, 1, 1, 1)).item() == 254  # 254.87 truncates
+
+
+@need_mini
+def test_kl_decoding_scales_as_the_official_code(tmp_path):
+    """In float64 the KL-f8 decoder reproduces the official output with zero error, and decode()
+    applies the scale as the official decode_first_stage does (1 / scale_factor * z, which differs
+    from z / scale_factor in the last bit)."""
+    path, yaml_path, _, d = mini_checkpoint("churches", tmp_path)
+    model = load_ldm(path, str(yaml_path)).double()
+    z = d["z"].double()
+    with torch.no_grad():
+        assert torch.equal(model.first_stage_model(z), d["out_f64"])
+        assert torch.equal(model.decode(z), d["out_f64"].clamp(-1, 1))  # scale_factor 1 here
+        s = 0.22765929  # a scale_by_std value like churches'
+        model.scale_factor = s
+        z_s = z * s
+        assert not torch.equal(z_s / s, 1.0 / s * z_s)  # the two orders differ on these inputs
+        assert torch.equal(model.decode(z_s), model.first_stage_model(1.0 / s * z_s).clamp(-1, 1))

@@ -56,6 +56,46 @@ def test_split_keeps_average_exactly_n_and_follows_kurtosis(n):
     assert split_candidates(37) == [0, 3, 6, 9, 12, 15, 18]
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_split_scores_from_per_channel_errors_equal_direct_output_errors(kind):
+    """The OMQ search scores every split from one error per (channel, bit-width); each score must
+    equal the output error of the layer actually quantized with that split."""
+    from models.allocate import channel_errors
+
+    g = torch.Generator().manual_seed(1)
+    if kind == "linear":
+        layer, inputs = planted_layer()
+    else:
+        layer = nn.Conv2d(8, 20, 3, padding=1)
+        inputs = {s: torch.randn(6, 8, 5, 5, generator=g) for s in range(3)}
+    q = QuantLayer(layer, "quant", 2, 4, n_steps=3)
+    for s, x in inputs.items():
+        q.a_scale.data[s], q.a_zero.data[s] = range_search(x, 15.0, integer_zero=True)
+    w = q.smoothed_weight().detach()
+    ranges = {b: range_search(w, 2.0 ** b - 1, dim=0) for b in (1, 2, 3)}
+    weights = []
+    for b in (1, 2, 3):
+        q.bits.fill_(b)
+        q.w_scale.data, q.w_zero.data = ranges[b]
+        weights.append(q.quant_weight().detach())
+    err, count = channel_errors(q, inputs, weights)
+    kurt = kurtosis(w)
+    for k in split_candidates(w.shape[0]):
+        bits = split_bits(kurt, 2, k)
+        q.bits.copy_(bits)
+        q.w_scale.data = torch.stack([ranges[b][0] for b in (1, 2, 3)]).gather(0, bits.long()[None] - 1)[0]
+        q.w_zero.data = torch.stack([ranges[b][1] for b in (1, 2, 3)]).gather(0, bits.long()[None] - 1)[0]
+        q.refresh()
+        direct, n = 0.0, 0
+        with torch.no_grad():
+            for s, x in inputs.items():
+                q.step = s
+                direct += (q(x) - layer(x)).double().pow(2).sum().item()
+                n += layer(x).numel()
+        scored = err.gather(0, bits.long()[None] - 1).sum().item() / count
+        assert n == count and abs(scored - direct / n) <= 1e-5 * direct / n, (k, scored, direct / n)
+
+
 def test_kurtosis_ranks_outliers_high():
     w = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
     w[1, 0] = 50.0
@@ -172,7 +212,7 @@ def test_sampling_never_requantizes_weights(quant_ckpts, monkeypatch):
     (["--ckpt", "checkpoints/digits_classifier.pt"], "not a diffusion model checkpoint"),
     (["--ckpt", "no/such/file.pt"], "no checkpoint at no/such/file.pt"),
 ])
-def test_bad_input_is_refused_clearly(flags, message):
-    proc = run_script("quantize.py", *flags, *QUICK, check=False)
+def test_bad_input_is_refused_clearly(flags, message, tmp_path):
+    proc = run_script("quantize.py", *flags, *QUICK, "--out", tmp_path / "q.pt", check=False)
     assert proc.returncode != 0
     assert message in proc.stderr
