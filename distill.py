@@ -78,7 +78,7 @@ out_path = check_output(parser, args.out or args.qckpt.with_name(f"{args.qckpt.s
 state_path = out_path.with_name(out_path.name + ".state.pt")
 if args.resume and not state_path.is_file():
     parser.error(f"--resume: no training state at {state_path}; run without --resume to start")
-exit_on_interrupt("distill.py" + (f" (resume with --resume from {state_path})" if args.ckpt_every <= args.iters else ""))
+exit_on_interrupt("distill.py (continue from its last state with --resume)")
 torch.manual_seed(args.seed)
 t_start = time.time()
 
@@ -203,7 +203,7 @@ qmodel.unet.eval().requires_grad_(False)
 for m in trained.values():
     m.round_params()  # as the packed file stores them
     m.merge_lora()
-check_finite("the distilled model's weights", *[p for p in qmodel.parameters()])
+check_finite("the distilled model's weights", *qmodel.parameters(), hint="lower the learning rates")
 mse_after = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size, args.seed + 10_000, guidance, device)
 print(f"eps MSE vs FP on {args.eval_samples} held-out trajectories: before {mse_before:.5f}, after {mse_after:.5f} "
       f"({'MSE+TRD' if args.trd == 'on' else 'MSE only'}, {args.iters * args.batch_size} trajectories, "

@@ -132,9 +132,8 @@ def exit_on_interrupt(what="the run"):
     signal.signal(signal.SIGINT, handler)
 
 
-def check_finite(what, *tensors):
+def check_finite(what, *tensors, hint="check the checkpoint and the settings"):
     """Raises SystemExit naming `what` if any tensor holds a NaN or Inf."""
     for t in tensors:
         if t is not None and not torch.isfinite(t).all():
-            raise SystemExit(f"error: {what} is NaN or Inf; stopped, nothing was written. Lower the learning "
-                             f"rates or check the inputs (guidance, temperature)")
+            raise SystemExit(f"error: {what} is NaN or Inf; stopped, nothing was written: {hint}")

@@ -72,6 +72,11 @@ def range_search(x, qmax, dim=None, grid=20, integer_zero=False):
     return best_scale, best_zero
 
 
+# weights from this size up recompute their fake-quantization in backward (see refresh): 98 % of
+# LDM-4's weights, none of the embedded default's, where the bookkeeping cost more time than the
+# memory was worth
+RECOMPUTE_MIN_WEIGHTS = 1 << 18
+
 _SCRATCH = {}
 
 
@@ -145,7 +150,7 @@ class QuantLayer(nn.Module):
             self.w_q = None
         elif self.frozen:
             self.w_q = self.layer.weight
-        elif torch.is_grad_enabled():
+        elif torch.is_grad_enabled() and self.layer.weight.numel() >= RECOMPUTE_MIN_WEIGHTS:
             self.w_q = checkpoint(self.quant_weight, use_reentrant=False)
         else:
             self.w_q = self.quant_weight()
