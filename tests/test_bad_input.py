@@ -183,6 +183,7 @@ def sweep(fp_ckpt, quant_ckpts, tmp_path_factory):
         (T + ["--holdout", 5000], 2, "--holdout must leave training images"),
         (T + ["--resume"], 2, "no training state"),
         (T + ["--out", ROOT / "checkpoints" / "digits_classifier.pt"], 2, "exists; pass --force"),
+        (T + ["--steps", 3, "--holdout", 50], 0, "wrote runs/train/digits_classifier.pt"),  # not checkpoints/
     ]
     if not torch.cuda.is_available():
         cases += [(Q + ["--device", "cuda", *out("q1.pt")], 2, "no CUDA GPU is visible here"),
@@ -191,9 +192,11 @@ def sweep(fp_ckpt, quant_ckpts, tmp_path_factory):
     spec = [dict(script=c[0], args=[str(a) for a in c[1:]], cwd=str(tmp) if c[0] == "train.py" else None)
             for c, _, _ in cases]
     (tmp / "cases.json").write_text(json.dumps(spec))
+    shipped = {p: p.read_bytes() for p in (ROOT / "checkpoints").glob("*.pt")}
     proc = subprocess.run([sys.executable, "-c", HELPER, str(ROOT), str(tmp / "cases.json"), str(tmp / "results.json")],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(p.read_bytes() == b for p, b in shipped.items()), "a shipped checkpoint changed"
     results = json.loads((tmp / "results.json").read_text())
     return tmp, list(zip(cases, results)), dict(existing=existing, resumed=resumed)
 
@@ -219,6 +222,22 @@ def test_refused_runs_write_nothing_and_destroy_nothing(sweep, quant_ckpts):
     assert files["resumed"].with_name(files["resumed"].name + ".state.pt").exists()  # kept for a correct resume
     assert (tmp / "earlier" / "images").is_dir() and len(list((tmp / "earlier" / "images").iterdir())) == 16
     assert (tmp / "new" / "three.json").is_file()  # evaluate.py made the missing folder
+    assert (tmp / "runs" / "train" / "digits_classifier.pt").is_file()  # train.py's default output
+
+
+def test_an_interrupted_save_never_leaves_a_new_report_beside_an_old_checkpoint(tmp_path, monkeypatch):
+    """save_with_report: the old report goes before the checkpoint is replaced, the new one after."""
+    import models.checkpoint as ck
+
+    path = tmp_path / "q.pt"
+    ck.save_with_report({"run": 1}, path, {"run": 1})
+    monkeypatch.setattr(ck, "save_atomic", lambda obj, p: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # killed while writing the new checkpoint
+        ck.save_with_report({"run": 2}, path, {"run": 2})
+    assert torch.load(path, weights_only=False) == {"run": 1} and not path.with_suffix(".json").exists()
+    monkeypatch.undo()
+    ck.save_with_report({"run": 2}, path, {"run": 2})
+    assert json.loads(path.with_suffix(".json").read_text()) == {"run": 2}
 
 
 def test_sample_force_replaces_an_earlier_run(fp_ckpt, tmp_path):
