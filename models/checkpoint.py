@@ -177,7 +177,11 @@ def load_quant_model(path, ckpt=None):
     qmodel = build_quant_model(fp_model, ckpt["settings"])
     # assign: the model takes the file's tensors rather than copies (the caller may keep `ckpt`; on
     # LDM-4 a copy is 1.7 GB)
-    qmodel.unet.unet.load_state_dict(ckpt["unet_state_dict"], assign=True)
+    try:
+        qmodel.unet.unet.load_state_dict(ckpt["unet_state_dict"], assign=True)
+    except RuntimeError as e:  # e.g. written for another step schedule by an older version
+        raise ValueError(f"{path}: its quantized layers do not fit the model this code builds from its settings "
+                         f"({str(e).splitlines()[-1].strip()}); rerun quantize.py to make it again") from None
     with torch.no_grad():
         refresh_weights(qmodel.unet)
     return fp_model, qmodel.eval(), ckpt

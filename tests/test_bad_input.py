@@ -87,6 +87,12 @@ def sweep(fp_ckpt, quant_ckpts, tmp_path_factory):
     key = next(k for k in ckpt["unet_state_dict"] if k.endswith("layer.weight"))
     ckpt["unet_state_dict"][key] = ckpt["unet_state_dict"][key].clone().fill_(float("nan"))
     torch.save(ckpt, nan_ckpt)
+    # a quantized checkpoint whose per-step parameters belong to another schedule (an older version's 7 steps)
+    other_steps = tmp / "other_steps.pt"
+    ckpt = torch.load(q, weights_only=False)
+    key = next(k for k in ckpt["unet_state_dict"] if k.endswith("a_scale"))
+    ckpt["unet_state_dict"][key] = torch.ones(7)
+    torch.save(ckpt, other_steps)
     # evaluate inputs
     rng = np.random.default_rng(0)
     digits = lambda n: rng.integers(0, 255, (n, 8, 8, 1), dtype=np.uint8)
@@ -163,6 +169,7 @@ def sweep(fp_ckpt, quant_ckpts, tmp_path_factory):
         (S + ["--out", earlier], 2, "holds the images of an earlier run"),
         (S + ["--out", a_file / "s"], 2, "cannot create the folder"),
         (["sample.py", "--ckpt", nan_ckpt, "--num-images", 2, *out("nan")], 1, "NaN or Inf"),
+        (["sample.py", "--ckpt", other_steps, *out("s")], 2, "rerun quantize.py to make it again"),
         # evaluate.py
         (["evaluate.py", tmp / "none.npz"], 2, "does not exist"),
         (["evaluate.py", tmp / "truncated.npz"], 1, "not a readable .npz"),
