@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.cli import (auto_or, check_device, check_finite, check_output, exit_on_interrupt, finite_float,
-                        nonneg_float, positive_float, positive_int)
-from models.checkpoint import (load_file, load_quant_model, quant_checkpoint, save_atomic, save_with_report, sha256_file,
+                        load_resume_state, nonneg_float, positive_float, positive_int)
+from models.checkpoint import (load_quant_model, quant_checkpoint, save_atomic, save_with_report, sha256_file,
                                write_packed)
 from models.diffusion import DDIM
 from models.quant import quant_layers, refresh_weights
@@ -87,16 +87,7 @@ fingerprint = dict(qckpt_sha256=sha256_file(args.qckpt), **{k: getattr(args, k) 
     "trd", "lam", "window", "temperature", "feature_block", "lora_rank", "lr_lora", "lr_wq", "lr_act", "iters",
     "batch_size", "guidance", "seed")})
 if args.resume:
-    try:
-        state = load_file(state_path)
-    except (FileNotFoundError, ValueError) as e:
-        parser.error(f"--resume: {e}")
-    old = state.get("fingerprint") or {}
-    if differ := [k for k in fingerprint if old.get(k) != fingerprint[k]]:
-        what = ", ".join("the --qckpt file (it changed since)" if k == "qckpt_sha256" else
-                         f"--{k.replace('_', '-')} {old.get(k)} (now {fingerprint[k]})" for k in differ)
-        parser.error(f"--resume: {state_path} was made with other settings: {what}. Resume with the same "
-                     f"settings, or start over without --resume")
+    state = load_resume_state(parser, state_path, fingerprint, {"qckpt_sha256": "the --qckpt file (it changed since)"})
 
 # ---- load: the FP teacher and the quantized student
 try:

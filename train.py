@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.cli import (check_folder, check_output, exit_on_interrupt, finite_float, positive_float, positive_int,
-                        unit_float)
+from models.cli import (check_folder, check_output, exit_on_interrupt, finite_float, load_resume_state,
+                        positive_float, positive_int, unit_float)
 from models.checkpoint import VERSION, fp_checkpoint, load_file, save_atomic
 from models.classifier import DigitClassifier
 from models.diffusion import DDIM, ddim_sample, randn_per_sample, sample_generators
@@ -88,15 +88,7 @@ step = 0
 fingerprint = dict(net=args.net, steps=steps, batch_size=args.batch_size, lr=lr, ema_decay=args.ema_decay,
                    class_dropout=args.class_dropout, holdout=args.holdout, seed=args.seed)
 if args.resume:
-    try:
-        state = load_file(state_path)
-    except ValueError as e:
-        parser.error(f"--resume: {e}")
-    old = state.get("fingerprint") or {}
-    if differ := [k for k in fingerprint if old.get(k) != fingerprint[k]]:
-        parser.error(f"--resume: {state_path} was made with other settings: "
-                     + ", ".join(f"{k} {old.get(k)} (now {fingerprint[k]})" for k in differ)
-                     + ". Resume with the same settings, or start over without --resume")
+    state = load_resume_state(parser, state_path, fingerprint)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])

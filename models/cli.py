@@ -122,6 +122,25 @@ def check_steps(parser, steps, train_timesteps=1000, flag="--steps"):
         parser.error(f"{flag}: {e}")
 
 
+def load_resume_state(parser, state_path, fingerprint, labels=None):
+    """The training state at state_path, if it was made with the same settings (fingerprint: every
+    setting that shapes the run); otherwise a parser error naming each setting that differs.
+    labels: how to name a key that is not an option (e.g. an input file's hash)."""
+    from models.checkpoint import load_file
+
+    try:
+        state = load_file(state_path)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(f"--resume: {e}")
+    old = (state.get("fingerprint") or {}) if isinstance(state, dict) else {}
+    if differ := [k for k in fingerprint if old.get(k) != fingerprint[k]]:
+        labels = labels or {}
+        what = ", ".join(labels.get(k) or f"--{k.replace('_', '-')} {old.get(k)} (now {fingerprint[k]})" for k in differ)
+        parser.error(f"--resume: {state_path} was made with other settings: {what}. Resume with the same "
+                     f"settings, or start over without --resume")
+    return state
+
+
 # ---- interrupts and numbers
 def exit_on_interrupt(what="the run"):
     """Ctrl-C: one line and exit code 130 instead of a traceback. Files are written atomically, so
