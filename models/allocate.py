@@ -91,7 +91,7 @@ def channel_errors(q, inputs, weights):
     run once per step for all candidates (their weights stacked along the output channels), with
     one step's outputs in memory at a time."""
     layer, n = q.layer, len(weights)
-    q.smoothed = not bool((q.smooth == 1).all())  # what refresh() sets, without computing a weight
+    q.note_smoothing()
     w_all = torch.cat(weights)
     bias = None if layer.bias is None else layer.bias.repeat(n)
     err = torch.zeros(n, weights[0].shape[0], dtype=torch.float64, device=w_all.device)

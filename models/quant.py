@@ -154,7 +154,11 @@ class QuantLayer(nn.Module):
             self.w_q = checkpoint(self.quant_weight, use_reentrant=False)
         else:
             self.w_q = self.quant_weight()
-        self.smoothed = not bool((self.smooth == 1).all())  # most layers skip the division
+        self.note_smoothing()
+
+    def note_smoothing(self):
+        """Whether inputs are divided by the smoothing scale: most layers skip the division."""
+        self.smoothed = not bool((self.smooth == 1).all())
 
     @torch.no_grad()
     def round_params(self):
