@@ -27,6 +27,7 @@ LDM-4 ImageNet settings of the official code: --lora-rank 32 --steps 20 --eta 0 
 decay, --lr-lora auto (mean weight step size / 2500), --lr-wq 1e-6, --lr-act 5e-4.
 """
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -36,11 +37,10 @@ from tqdm import tqdm
 
 from models.cli import (auto_or, check_device, check_finite, check_output, exit_on_interrupt, finite_float,
                         load_resume_state, nonneg_float, positive_float, positive_int)
-from models.checkpoint import (load_quant_model, quant_checkpoint, save_atomic, save_with_report, sha256_file,
-                               write_packed)
+from models.checkpoint import load_quant_model, quant_checkpoint, save_atomic, save_with_report, sha256_file, write_packed
 from models.diffusion import DDIM
-from models.quant import quant_layers, refresh_weights
-from models.trajectory import Trajectory, eps_mse
+from models.quant import quant_layers, refresh_weights, set_step
+from models.trajectory import HELD_OUT_SEED_OFFSET, eps_mse, fp_trajectory
 from models.trd import WindowSmoother, relation_kl
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,22 +83,24 @@ torch.manual_seed(args.seed)
 t_start = time.time()
 
 # every setting that shapes the run: a resumed run must have been started with the same ones
-fingerprint = dict(qckpt_sha256=sha256_file(args.qckpt), **{k: getattr(args, k) for k in (
+STATE_FORMAT = 2  # 1: trainable tensors named 'unet.*' (before the quantized model lost its wrapper)
+fingerprint = dict(state_format=STATE_FORMAT, qckpt_sha256=sha256_file(args.qckpt), **{k: getattr(args, k) for k in (
     "trd", "lam", "window", "temperature", "feature_block", "lora_rank", "lr_lora", "lr_wq", "lr_act", "iters",
     "batch_size", "guidance", "seed")})
 if args.resume:
-    state = load_resume_state(parser, state_path, fingerprint, {"qckpt_sha256": "the --qckpt file (it changed since)"})
+    state = load_resume_state(parser, state_path, fingerprint, {"qckpt_sha256": "the --qckpt file (it changed since)",
+                                                                "state_format": "an older version of distill.py"})
 
 # ---- load: the FP teacher and the quantized student
 try:
     fp_model, qmodel, qckpt = load_quant_model(args.qckpt)
 except (FileNotFoundError, ValueError) as e:
     parser.error(str(e))
-n_blocks = len(qmodel.unet.unet.output_blocks)
+n_blocks = len(qmodel.unet.output_blocks)
 if not -n_blocks <= args.feature_block < n_blocks:
     parser.error(f"--feature-block {args.feature_block}: this UNet has {n_blocks} output blocks "
                  f"(use {-n_blocks}..{n_blocks - 1}; -1 is the last)")
-settings = qckpt["settings"]
+settings = qmodel.quant_settings
 guidance = settings["guidance"] if args.guidance is None else args.guidance
 fp_model.to(device).requires_grad_(False)
 qmodel.to(device).requires_grad_(False)
@@ -109,7 +111,8 @@ lora_gen = torch.Generator().manual_seed(args.seed)
 for m in trained.values():
     m.add_lora(args.lora_rank, lora_gen)
     m.recompute = args.recompute
-mse_before = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size, args.seed + 10_000, guidance, device)
+held_out_seed = args.seed + HELD_OUT_SEED_OFFSET
+mse_before = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size, held_out_seed, guidance, device)
 
 # ---- optimiser: LoRA, weight-quantizer scales (tiny lr), per-step activation parameters
 lr_lora = (torch.cat([m.w_scale.detach().abs() for m in trained.values()]).mean().item() / 2500
@@ -142,8 +145,15 @@ def feature_hook(store):
 
 fp_feat, q_feat = {}, {}
 fp_model.unet.output_blocks[args.feature_block].register_forward_hook(feature_hook(fp_feat))
-qmodel.unet.unet.output_blocks[args.feature_block].register_forward_hook(feature_hook(q_feat))
-lam = None if args.trd == "off" else (None if args.lam == "auto" else float(args.lam))
+qmodel.unet.output_blocks[args.feature_block].register_forward_hook(feature_hook(q_feat))
+lam = None  # the relation loss's weight; None: no relation loss (--trd off)
+if args.trd == "on" and args.lam != "auto":
+    lam = float(args.lam)
+elif args.trd == "on":  # the official summed weighting for our mean reductions: 100 * feature H*W / eps C*H*W
+    with torch.no_grad():  # one dry call, for the feature block's output size
+        y = torch.zeros(1, dtype=torch.long, device=device)
+        fp_model.unet(torch.zeros(1, *fp_model.latent_shape, device=device), y, fp_model.context(y)[0])
+    lam = 100.0 * fp_feat["f"].shape[2] * fp_feat["f"].shape[3] / math.prod(fp_model.latent_shape)
 
 # ---- train
 fp_model.unet.eval()
@@ -152,23 +162,17 @@ bar = tqdm(total=args.iters, initial=start_iter, desc=f"distill ({'MSE+TRD' if a
 t_train = time.time()
 for it in range(start_iter, args.iters):
     # trajectories of this iteration are fixed by (seed, index): a resumed run redraws the same ones
-    traj = Trajectory(fp_model, ddim, range(it * args.batch_size, (it + 1) * args.batch_size), args.seed, guidance, device)
+    ids = range(it * args.batch_size, (it + 1) * args.batch_size)
     smooth_fp, smooth_q = WindowSmoother(args.window), WindowSmoother(args.window)
-    for i in range(ddim.steps):
-        inputs = traj.unet_inputs(i)
-        with torch.no_grad():
-            out_fp = fp_model.unet(*inputs)
+    for i, inputs, out_fp in fp_trajectory(fp_model, ddim, ids, args.seed, guidance, device):  # fp_feat: its features
         refresh_weights(qmodel.unet)  # fake-quantize the weights once for this update
-        qmodel.unet.set_step(i)
+        set_step(qmodel.unet, i)
         out_q = qmodel.unet(*inputs)
         loss_mse = F.mse_loss(out_q, out_fp)
         loss = loss_mse
         loss_trd = torch.zeros(())
-        if args.trd == "on":
+        if lam is not None:
             loss_trd = relation_kl(smooth_fp(i, fp_feat["f"]), smooth_q(i, q_feat["f"]), args.temperature)
-            if lam is None:  # the official summed weighting, expressed for our mean reductions
-                f = fp_feat["f"]
-                lam = 100.0 * f.shape[2] * f.shape[3] / out_fp[0].numel()
             loss = loss + lam * loss_trd
         if not torch.isfinite(loss):
             raise SystemExit(f"error: the loss is {loss.item()} at iteration {it + 1}, step {i + 1}; stopped, nothing "
@@ -177,7 +181,6 @@ for it in range(start_iter, args.iters):
         loss.backward()
         opt.step()
         sched.step()
-        traj.advance(i, out_fp)
     history.append(dict(iter=it + 1, mse=loss_mse.item(), trd=loss_trd.item()))
     bar.update()
     bar.set_postfix(mse=f"{loss_mse.item():.5f}", trd=f"{loss_trd.item():.5f}")
@@ -195,7 +198,7 @@ for m in trained.values():
     m.round_params()  # as the packed file stores them
     m.merge_lora()
 check_finite("the distilled model's weights", *qmodel.parameters(), hint="lower the learning rates")
-mse_after = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size, args.seed + 10_000, guidance, device)
+mse_after = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size, held_out_seed, guidance, device)
 print(f"eps MSE vs FP on {args.eval_samples} held-out trajectories: before {mse_before:.5f}, after {mse_after:.5f} "
       f"({'MSE+TRD' if args.trd == 'on' else 'MSE only'}, {args.iters * args.batch_size} trajectories, "
       f"{total_updates} updates)")
@@ -203,13 +206,13 @@ distill_settings = dict(trd=args.trd, lam=lam, window=args.window, temperature=a
                         feature_block=args.feature_block, lora_rank=args.lora_rank, lr_lora=lr_lora, lr_wq=args.lr_wq,
                         lr_act=args.lr_act, iters=args.iters, batch_size=args.batch_size, guidance=guidance, seed=args.seed)
 elapsed = time.time() - t_start
-ckpt = quant_checkpoint(qckpt["fp"], qmodel.cpu(), settings, report=qckpt.get("report"), distill=distill_settings,
+ckpt = quant_checkpoint(qmodel.cpu(), qckpt["fp"], report=qckpt.get("report"), distill=distill_settings,
                         eps_mse_before=mse_before, eps_mse=mse_after, history=history, source=str(args.qckpt))
 save_with_report(ckpt, out_path, dict(distill=distill_settings, eps_mse_before=mse_before, eps_mse_after=mse_after,
                                       seconds=elapsed, seconds_train=seconds_train, updates_run=updates_run,
                                       history=history))
 if args.pack:
-    write_packed(ckpt, qmodel, out_path.with_suffix(".packed.pt"))
+    write_packed(qmodel, out_path.with_suffix(".packed.pt"), distill=distill_settings)
 state_path.unlink(missing_ok=True)
 print(f"wrote {out_path} in {elapsed:.0f} s ({seconds_train / max(updates_run, 1):.2f} s per update)")
 if device.type == "cuda":

@@ -27,9 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.checkpoint import load_file
+from models.checkpoint import load_classifier
 from models.cli import check_device, check_output, exit_on_interrupt, positive_int
-from models.classifier import DigitClassifier
 from models.digits import DEFAULT_CLASSIFIER, load_digits
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's weights file name
@@ -146,15 +145,12 @@ if features == "inception":
     label = "Inception"
 else:
     try:
-        clf_ckpt = load_file(args.classifier)
-    except (FileNotFoundError, ValueError) as e:
+        clf = load_classifier(args.classifier).to(device)
+    except FileNotFoundError as e:
         raise SystemExit(f"error: --classifier: {e}")
-    if not isinstance(clf_ckpt, dict) or clf_ckpt.get("format") != "mpq-dm/digit-classifier":
-        raise SystemExit(f"error: --classifier {args.classifier} is not a digit classifier checkpoint "
-                         f"(train.py --net classifier writes one; the shipped one is {DEFAULT_CLASSIFIER})")
-    clf = DigitClassifier()
-    clf.load_state_dict(clf_ckpt["state_dict"])
-    clf.to(device).eval()
+    except ValueError as e:
+        raise SystemExit(f"error: --classifier {args.classifier} is not a digit classifier checkpoint ({e}); "
+                         f"train.py --net classifier writes one, the shipped one is {DEFAULT_CLASSIFIER}")
     if samples.shape[1:3] != (8, 8):
         raise SystemExit(f"error: the in-domain digit network takes 8x8 images, got {samples.shape[1]}x{samples.shape[2]}")
     if samples.shape[-1] == 3 and not (samples[..., :1] == samples).all():

@@ -19,13 +19,15 @@ import torch
 from tqdm import tqdm
 
 from models.allocate import calibrate_layer
+from models.calibration import layer_inputs, unet_inputs_per_step
 from models.cli import (check_device, check_finite, check_output, check_steps, exit_on_interrupt, finite_float,
                         nonneg_float, positive_float, positive_int)
-from models.checkpoint import build_quant_model, fp_reference, load_fp_model, quant_checkpoint, save_with_report, write_packed
+from models.checkpoint import fp_reference, load_fp_model, quant_checkpoint, save_with_report, write_packed
 from models.diffusion import DDIM
 from models.digits import DEFAULT_CHECKPOINT
+from models.qmodel import build_quant_model
 from models.quant import quant_layers, refresh_weights
-from models.trajectory import eps_mse, trajectories
+from models.trajectory import HELD_OUT_SEED_OFFSET, eps_mse
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", type=Path, default=DEFAULT_CHECKPOINT, help="full-precision model (default: digits)")
@@ -83,88 +85,37 @@ ddim = DDIM(model.alphas_cumprod, steps=args.steps, eta=args.eta)
 
 
 # ---- 1. calibration data: UNet inputs of every step, --calib-keep of them per step
-keep = {i: [] for i in range(ddim.steps)}
-pick = torch.Generator().manual_seed(args.seed + 7)
 bar = tqdm(total=args.calib_samples * ddim.steps, desc="calibration trajectories")
-for i, traj in trajectories(model, ddim, args.calib_samples, args.batch_size, args.seed, args.guidance, device):
-    bx, bt, bc = traj.unet_inputs(i)
-    sel = torch.randperm(len(bx), generator=pick)[:max(1, args.calib_keep * len(traj.x) // args.calib_samples)]
-    keep[i].append((bx[sel].cpu(), bt[sel].cpu(), None if bc is None else bc[sel].cpu()))
-    bar.update(len(traj.x))
+calib = unet_inputs_per_step(model, ddim, args.calib_samples, args.calib_keep, args.batch_size, args.seed,
+                             args.guidance, device, progress=bar.update)
 bar.close()
-calib = {}
-for i, parts in keep.items():
-    xs, ts, cs = zip(*parts)
-    calib[i] = (torch.cat(xs)[:args.calib_keep], torch.cat(ts)[:args.calib_keep],
-                None if cs[0] is None else torch.cat(cs)[:args.calib_keep])
 
-# ---- 2. the quantized model, and the layers' full-precision inputs, a group at a time
-qmodel = build_quant_model(model, dict(wbits=args.wbits, abits=args.abits, steps=args.steps,
-                                       quantize_all=args.quantize_all, quantize_conv1d=args.quantize_conv1d))
-qlayers = quant_layers(qmodel.unet.unet)
-fp_modules = dict(model.unet.named_modules())
-
-
-def record_inputs(names):
-    """{name: {step: input tensor}} for the given FP layers over the calibration data."""
-    store = {n: {} for n in names}
-    hooks = [fp_modules[n].register_forward_hook(
-        lambda m, inp, out, n=n: store[n].__setitem__(current_step[0], inp[0].detach())) for n in names]
-    try:
-        for i, (x, t, c) in calib.items():
-            current_step[0] = i
-            with torch.no_grad():
-                model.unet(x.to(device), t.to(device), None if c is None else c.to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return store
-
-
-current_step = [0]
-sizes = {}  # bytes of one layer's kept inputs over all steps, from one dry run
-x0, t0, c0 = calib[0]
-hooks = [fp_modules[n].register_forward_hook(lambda m, inp, out, n=n: sizes.__setitem__(n, inp[0][:1].numel() * 4))
-         for n in qlayers]
-with torch.no_grad():
-    model.unet(x0[:1].to(device), t0[:1].to(device), None if c0 is None else c0[:1].to(device))
-for h in hooks:
-    h.remove()
-budget = args.calib_mem_gb * 2 ** 30
-groups, group, used = [], [], 0
-for n in qlayers:
-    need = sizes[n] * args.calib_keep * ddim.steps
-    if group and used + need > budget:
-        groups.append(group)
-        group, used = [], 0
-    group.append(n)
-    used += need
-groups.append(group)
-
+# ---- 2. the quantized model, each layer calibrated on its full-precision inputs
+settings = dict(wbits=args.wbits, abits=args.abits, steps=args.steps, eta=args.eta, quantize_all=args.quantize_all,
+                quantize_conv1d=args.quantize_conv1d, method=args.method, smooth=smooth, group_frac=args.group_frac,
+                guidance=args.guidance, calib_samples=args.calib_samples, calib_keep=args.calib_keep, seed=args.seed)
+qmodel = build_quant_model(model, settings)
+qlayers = quant_layers(qmodel.unet)
 report = {}
 bar = tqdm(total=len(qlayers), desc=f"calibrate ({args.method}, W{args.wbits}A{args.abits})")
-for group in groups:
-    inputs = record_inputs(group)
-    for n in group:
-        t_layer = time.time()
-        report[n] = calibrate_layer(qlayers[n], inputs[n], args.method, smooth_alphas, args.group_frac)
-        report[n]["seconds"] = time.time() - t_layer
-        bar.update()
+for name, inputs in layer_inputs(model, calib, list(qlayers), args.calib_mem_gb * 2 ** 30, device):
+    t_layer = time.time()
+    report[name] = calibrate_layer(qlayers[name], inputs, args.method, smooth_alphas, args.group_frac)
+    report[name]["seconds"] = time.time() - t_layer
     del inputs
+    bar.update()
 bar.close()
 refresh_weights(qmodel.unet)
 
-
 # ---- 3. check: one-step eps MSE against FP on held-out trajectories (another seed)
-mse = eps_mse(model, qmodel, ddim, args.eval_samples, args.batch_size, args.seed + 10_000, args.guidance, device)
-
+mse = eps_mse(model, qmodel, ddim, args.eval_samples, args.batch_size, args.seed + HELD_OUT_SEED_OFFSET, args.guidance,
+              device)
 check_finite("the quantized model's eps MSE", torch.tensor(mse))
 
 # ---- report and save
-rows = [(n, r) for n, r in report.items()]
 print(f"{'layer':48s} {'mode':5s} {'bits':>5s} {'+1/-1':>9s} {'smooth':>6s} {'kurtosis':>15s} {'mse uniform':>12s} "
       f"{'mse chosen':>12s}")
-for n, r in rows:
+for n, r in report.items():
     if r["mode"] == "fp":
         print(f"{n:48s} fp")
         continue
@@ -177,17 +128,13 @@ print(f"{len(mixed)} layers at W{args.wbits}A{args.abits} ({sum(r['high'] > 0 fo
       f"{sum(r['smooth_alpha'] > 0 for r in mixed)} smoothed), "
       f"{sum(r['mode'] == 'w8a8' for r in report.values())} at W8A8, {sum(r['mode'] == 'fp' for r in report.values())} in FP")
 print(f"eps MSE vs FP over {ddim.steps} steps on {args.eval_samples} held-out trajectories: {mse:.5f}")
-settings = dict(wbits=args.wbits, abits=args.abits, steps=args.steps, eta=args.eta, quantize_all=args.quantize_all,
-                quantize_conv1d=args.quantize_conv1d,
-                method=args.method, smooth=smooth, group_frac=args.group_frac, guidance=args.guidance,
-                calib_samples=args.calib_samples, calib_keep=args.calib_keep, seed=args.seed)
 elapsed = time.time() - t_start
-ckpt = quant_checkpoint(fp_reference(model.cpu(), args.ckpt, args.config), qmodel.cpu(), settings,
-                        report=report, eps_mse=mse, source=str(args.ckpt))
+ckpt = quant_checkpoint(qmodel.cpu(), fp_reference(model.cpu(), args.ckpt, args.config), report=report, eps_mse=mse,
+                        source=str(args.ckpt))
 json_path = out_path.with_suffix(".json")
 save_with_report(ckpt, out_path, dict(settings=settings, eps_mse=mse, seconds=elapsed, layers=report))
 if args.pack:
-    write_packed(ckpt, qmodel, out_path.with_suffix(".packed.pt"))
+    write_packed(qmodel, out_path.with_suffix(".packed.pt"))
 print(f"wrote {out_path} and {json_path} in {elapsed:.0f} s")
 if device.type == "cuda":
     print(f"peak CUDA memory allocated: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")

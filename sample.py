@@ -81,8 +81,8 @@ except (FileNotFoundError, ValueError) as e:
     parser.error(str(e))
 model.to(device)
 steps, eta = args.steps or 20, args.eta or 0.0
-if kind != "full precision":  # activation parameters exist per step of one DDIM schedule
-    settings = model.unet.settings
+if model.quant_settings is not None:  # activation parameters exist per step of one DDIM schedule
+    settings = model.quant_settings
     steps, eta = args.steps or settings["steps"], settings["eta"] if args.eta is None else args.eta
     if steps != settings["steps"]:
         parser.error(f"this {kind} model was calibrated for {settings['steps']} DDIM steps, not {steps}")

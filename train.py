@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from models.cli import (check_folder, check_output, exit_on_interrupt, finite_float, load_resume_state,
                         positive_float, positive_int, unit_float)
-from models.checkpoint import VERSION, fp_checkpoint, load_file, save_atomic
+from models.checkpoint import classifier_checkpoint, fp_checkpoint, load_classifier, save_atomic
 from models.classifier import DigitClassifier
 from models.diffusion import DDIM, ddim_sample, randn_per_sample, sample_generators
 from models.digits import DEFAULT_CLASSIFIER, DIGITS_CONFIG, load_digits, to_model_range
@@ -150,9 +150,7 @@ if is_unet:
     model = ema.eval()
     extra = {}
     if DEFAULT_CLASSIFIER.is_file():
-        clf = DigitClassifier()
-        clf.load_state_dict(load_file(DEFAULT_CLASSIFIER)["state_dict"])
-        clf.eval()
+        clf = load_classifier(DEFAULT_CLASSIFIER)
         ddim = DDIM(model.alphas_cumprod, steps=20)
         correct = 0
         for start in tqdm(range(0, args.eval_samples, 250), desc="classify samples"):
@@ -173,8 +171,7 @@ else:
     with torch.no_grad():
         acc = (model(x_test).argmax(1) == y_test).float().mean().item()
     print(f"held-out accuracy on {len(x_test)} real digits: {acc:.3f}")
-    ckpt = dict(format="mpq-dm/digit-classifier", version=VERSION, state_dict=model.state_dict(),
-                heldout_accuracy=acc, train_args=vars(args), train_seconds=train_time)
+    ckpt = classifier_checkpoint(model, heldout_accuracy=acc, train_args=vars(args), train_seconds=train_time)
 ckpt["train_args"] = {k: str(v) if isinstance(v, Path) else v for k, v in ckpt["train_args"].items()}
 save_atomic(ckpt, out_path)
 print(f"wrote {out_path} ({out_path.stat().st_size / 1e6:.1f} MB) after {train_time / 60:.1f} min of training")

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models.quant  # noqa: E402
-from models.checkpoint import build_quant_model  # noqa: E402
+from models.qmodel import build_quant_model  # noqa: E402
 from models.ldm import LDM_CONFIGS, DiffusionModel  # noqa: E402
-from models.quant import quant_layers, refresh_weights  # noqa: E402
+from models.quant import quant_layers, refresh_weights, set_step  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--config", default="cin256-v2", choices=list(LDM_CONFIGS))
@@ -88,7 +88,7 @@ def measure(mode, b):
         out_fp = fp.unet(x, t, c)
     refresh_weights(q.unet)
     m_wq = held()
-    q.unet.set_step(0)
+    set_step(q.unet, 0)
     loss = F.mse_loss(q.unet(x, t, c), out_fp)
     m_fwd = held()
     opt.zero_grad()

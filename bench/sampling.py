@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.checkpoint import build_quant_model, load_fp_model, packed_checkpoint, quant_checkpoint  # noqa: E402
+from models.checkpoint import load_fp_model, packed_checkpoint, quant_checkpoint  # noqa: E402
 from models.diffusion import DDIM, ddim_sample, randn_per_sample, sample_generators  # noqa: E402
 from models.digits import DEFAULT_CHECKPOINT  # noqa: E402
 from models.ldm import LDM_CONFIGS, DiffusionModel  # noqa: E402
 from models.pack import fp32_bytes  # noqa: E402
+from models.qmodel import build_quant_model  # noqa: E402
 from models.quant import refresh_weights  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,7 +65,7 @@ def quantized(model, steps):
     q = build_quant_model(model, settings).to(device).eval()
     with torch.no_grad():
         refresh_weights(q.unet)
-    return q, settings
+    return q
 
 
 rows = []
@@ -72,12 +73,12 @@ rows = []
 
 def bench(name, model, n, steps, guidance):
     model = model.to(device).eval()
-    q, settings = quantized(model, steps)
+    q = quantized(model, steps)
     t_fp, t_q = timed_sampling([model, q], n, steps, guidance)
     cpu_q = q.to("cpu")
     fp_size = fp32_bytes(model)
-    q_size = file_size(quant_checkpoint(dict(config=model.config), cpu_q, settings))
-    packed_size = file_size(packed_checkpoint(dict(settings=settings, modes={}), cpu_q))
+    q_size = file_size(quant_checkpoint(cpu_q, dict(config=model.config)))
+    packed_size = file_size(packed_checkpoint(cpu_q))
     rows.append((name, n, steps, t_fp, t_q, fp_size, q_size, packed_size))
 
 

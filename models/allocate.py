@@ -9,39 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.quant import QuantLayer, range_search
-
-# layers that the official code keeps at W8A8 / in full precision (see layer_mode)
-W8A8_LAYERS = ("time_embed.0", "time_embed.2", "input_blocks.0.0", "out.2")
-
-
-def layer_mode(name, module, quantize_all=False, quantize_conv1d=False):
-    """'w8a8' for the time-embedding MLP and the first and last convs, 'fp' for skip-connection and
-    downsampling convs (unless quantize_all) and for the Conv1d qkv/proj_out of the LSUN models'
-    attention blocks (unless quantize_conv1d: the official code wraps only Conv2d and Linear, which
-    quantizes 265 / 73 / 109 layers of cin256-v2 / LSUN-Bedrooms / LSUN-Churches), 'quant' for every
-    other Conv/Linear of the UNet."""
-    if name in W8A8_LAYERS:
-        return "w8a8"
-    if not quantize_all and (name.endswith("skip_connection") or name.endswith(".op")):
-        return "fp"
-    if isinstance(module, nn.Conv1d) and not quantize_conv1d:
-        return "fp"
-    return "quant"
-
-
-def wrap_unet(unet, wbits, abits, n_steps, quantize_all=False, quantize_conv1d=False):
-    """Replaces every Conv1d/Conv2d/Linear of the UNet by a QuantLayer, in place; returns them by name."""
-    layers = {}
-    for name, module in list(unet.named_modules()):
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-            mode = layer_mode(name, module, quantize_all, quantize_conv1d)
-            q = QuantLayer(module, mode, 8 if mode == "w8a8" else wbits, 8 if mode == "w8a8" else abits, n_steps)
-            parent_name, _, child = name.rpartition(".")
-            setattr(unet.get_submodule(parent_name) if parent_name else unet, child, q)
-            layers[name] = q
-    return layers
-
+from models.quant import range_search
 
 def kurtosis(w):
     """Per output channel: fourth central moment over the squared variance."""
@@ -142,7 +110,7 @@ def calibrate_layer(q, inputs, method="omq", smooth_alphas=(0.5,), group_frac=0.
     if q.mode == "fp":
         return dict(mode="fp")
     layer = q.layer
-    wbits = int(q.bits[0])
+    wbits = q.wbits
     if q.mode != "quant":
         smooth_alphas = (0.0,)
     split = q.mode == "quant" and method == "omq" and wbits > 1

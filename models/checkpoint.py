@@ -1,14 +1,39 @@
 """Checkpoint files: plain torch.save dicts with a `format` tag, a format `version` and the config
-needed to rebuild the model, written atomically (a killed run never leaves a half-written file)."""
+needed to rebuild the model, written atomically (a killed run never leaves a half-written file).
+This file only reads and writes them; the models are built by models.ldm and models.qmodel.
+
+Formats and versions:
+  mpq-dm/fp-model          1  a full-precision DiffusionModel (config + state_dict)
+  mpq-dm/digit-classifier  1  evaluate.py's in-domain feature network
+  mpq-dm/quantized         2  quantize.py / distill.py: the FP model (embedded, or path + sha256), the
+                              quantized UNet's state_dict and the settings. Version 1 has the same
+                              tensors and settings (and a `modes` table, unused): it loads.
+  mpq-dm/packed            2  --pack: the weights bit-packed at their bit-widths (models.pack). Version
+                              1 named the UNet's tensors 'unet.unet.*': it is refused with what to rerun.
+"""
+import hashlib
+import json
 import os
 from pathlib import Path
 
 import torch
 
-VERSION = 1
+from models.classifier import DigitClassifier
+from models.ldm import LDM_CONFIGS, UNET_PREFIX, DiffusionModel, guess_ldm_config, load_ldm
+from models.pack import fp32_bytes, pack_model, unpack_model
+from models.qmodel import build_quant_model
+from models.quant import quant_layers, refresh_weights
+
 FP_FORMAT = "mpq-dm/fp-model"
+CLASSIFIER_FORMAT = "mpq-dm/digit-classifier"
+QUANT_FORMAT = "mpq-dm/quantized"
+PACKED_FORMAT = "mpq-dm/packed"
+VERSIONS = {FP_FORMAT: 1, CLASSIFIER_FORMAT: 1, QUANT_FORMAT: 2, PACKED_FORMAT: 2}  # what this code writes
+OLDEST_READ = {FP_FORMAT: 1, CLASSIFIER_FORMAT: 1, QUANT_FORMAT: 1, PACKED_FORMAT: 2}
+EMBED_FP_MAX_BYTES = 64 << 20  # larger FP models are referenced by path + sha256 instead of copied
 
 
+# ---- files
 def save_atomic(obj, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -21,8 +46,6 @@ def save_with_report(ckpt, path, report):
     """Writes a checkpoint and its JSON report (<path>.json) so that an interrupted run never leaves
     a new checkpoint beside an old report: the old report goes first, then each file is written
     atomically."""
-    import json
-
     path = Path(path)
     json_path = path.with_suffix(".json")
     json_path.unlink(missing_ok=True)
@@ -42,30 +65,45 @@ def load_file(path):
         raise ValueError(f"{path} is not a readable torch checkpoint: {e}") from e
 
 
-def check_format(ckpt, path, *formats):
-    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
-    if fmt not in formats:
-        raise ValueError(f"{path} is a {fmt or 'foreign'} checkpoint; expected {' or '.join(formats)}")
-    if ckpt.get("version", 0) > VERSION:
-        raise ValueError(f"{path} has format version {ckpt['version']}; this code reads up to {VERSION}")
+def sha256_file(path, chunk=1 << 22):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
+def check_format(ckpt, path, fmt, rerun):
+    """Raises ValueError unless ckpt is a `fmt` file of a version this code reads; `rerun` says what
+    makes the file again."""
+    found = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if found != fmt:
+        raise ValueError(f"{path} is a {found or 'foreign'} checkpoint; expected {fmt}")
+    version = ckpt.get("version", 0)
+    if version > VERSIONS[fmt]:
+        raise ValueError(f"{path} has {fmt} format version {version}; this code reads up to {VERSIONS[fmt]}: "
+                         f"update this code")
+    if version < OLDEST_READ[fmt]:
+        raise ValueError(f"{path} has {fmt} format version {version}, which this code no longer reads "
+                         f"(it reads {OLDEST_READ[fmt]}..{VERSIONS[fmt]}); {rerun} to make it again")
+
+
+# ---- full-precision models
 def fp_checkpoint(model, **extra):
-    return dict(format=FP_FORMAT, version=VERSION, config=model.config, state_dict=model.state_dict(), **extra)
+    return dict(format=FP_FORMAT, version=VERSIONS[FP_FORMAT], config=model.config, state_dict=model.state_dict(),
+                **extra)
 
 
 def load_fp_model(path, config=None, ckpt=None):
     """A full-precision DiffusionModel from this project's checkpoint, or from an official
     latent-diffusion checkpoint (`config`: a released model's name or YAML path; guessed from the
     weights' shapes when not given)."""
-    from models.ldm import DiffusionModel, LDM_CONFIGS, UNET_PREFIX, load_ldm
-
     ckpt = load_file(path) if ckpt is None else ckpt
     if isinstance(ckpt, dict) and ckpt.get("format") == FP_FORMAT:
         if config is not None:
             raise ValueError(f"--config {config} is for official LDM checkpoints; {path} is this project's own "
                              f"checkpoint and carries its config: drop --config")
-        check_format(ckpt, path, FP_FORMAT)
+        check_format(ckpt, path, FP_FORMAT, "rerun train.py")
         model = DiffusionModel(ckpt["config"])
         model.load_state_dict(ckpt["state_dict"])
         return model.eval()
@@ -82,33 +120,6 @@ def load_fp_model(path, config=None, ckpt=None):
     return load_ldm(path, config, ckpt)
 
 
-def guess_ldm_config(sd):
-    """The released config whose UNet has exactly these names and shapes, or None."""
-    from models.ldm import LDM_CONFIGS, UNET_PREFIX, DiffusionModel
-
-    found = {k: tuple(v.shape) for k, v in sd.items() if k.startswith(UNET_PREFIX)}
-    for name, cfg in LDM_CONFIGS.items():
-        with torch.device("meta"):
-            unet = DiffusionModel(cfg).unet
-        if found == {UNET_PREFIX + k: tuple(v.shape) for k, v in unet.state_dict().items()}:
-            return name
-    return None
-
-
-QUANT_FORMAT = "mpq-dm/quantized"
-EMBED_FP_MAX_BYTES = 64 << 20  # larger FP models are referenced by path + sha256 instead of copied
-
-
-def sha256_file(path, chunk=1 << 22):
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fp_reference(model, path, config_arg=None):
     """How a quantized checkpoint finds its full-precision model: a copy of the weights when small,
     otherwise the path, the config argument and a content hash (checked on load)."""
@@ -119,8 +130,6 @@ def fp_reference(model, path, config_arg=None):
 
 
 def load_fp_reference(ref):
-    from models.ldm import DiffusionModel
-
     if "state_dict" in ref:
         model = DiffusionModel(ref["config"])
         model.load_state_dict(ref["state_dict"])
@@ -133,52 +142,25 @@ def load_fp_reference(ref):
     return load_fp_model(path, ref.get("config_arg"))
 
 
-def quant_checkpoint(fp_ref, qmodel, settings, **extra):
-    """qmodel: a DiffusionModel whose unet is a QuantUNet."""
-    from models.quant import quant_layers
-
-    return dict(format=QUANT_FORMAT, version=VERSION, fp=fp_ref, settings=settings,
-                modes={n: m.mode for n, m in quant_layers(qmodel.unet.unet).items()},
-                unet_state_dict=qmodel.unet.unet.state_dict(), **extra)
-
-
-def build_quant_model(fp_model, settings):
-    """A quantized copy of fp_model (sharing nothing with it) with the layers wrapped per settings."""
-    import copy
-
-    qmodel = copy.deepcopy(fp_model)
-    wrap_quant_unet(qmodel, settings)
-    return qmodel
-
-
-def wrap_quant_unet(model, settings):
-    """Wraps model.unet's layers per settings, in place (model.unet becomes a QuantUNet). One set of
-    activation parameters per DDIM sampling step of the official schedule for settings['steps'].
-    Checkpoints written before the Conv1d policy existed quantized Conv1d layers: a missing
-    'quantize_conv1d' means True."""
-    from models.allocate import wrap_unet
-    from models.diffusion import ddim_timesteps
-    from models.quant import QuantUNet
-
-    n_steps = len(ddim_timesteps(settings["steps"], model.config["schedule"]["timesteps"]))
-    wrap_unet(model.unet, settings["wbits"], settings["abits"], n_steps, settings["quantize_all"],
-              settings.get("quantize_conv1d", True))
-    model.unet = QuantUNet(model.unet, settings)
+# ---- quantized models
+def quant_checkpoint(qmodel, fp_ref, **extra):
+    """A quantize.py/distill.py checkpoint of qmodel (built by models.qmodel.build_quant_model; its
+    settings are saved whole). fp_ref: fp_reference() of its full-precision model."""
+    return dict(format=QUANT_FORMAT, version=VERSIONS[QUANT_FORMAT], fp=fp_ref, settings=qmodel.quant_settings,
+                unet_state_dict=qmodel.unet.state_dict(), **extra)
 
 
 def load_quant_model(path, ckpt=None):
     """(fp_model, quantized model, checkpoint dict) from a quantize.py or distill.py checkpoint. The
     fake-quantized weights are computed here, once."""
-    from models.quant import refresh_weights
-
     ckpt = load_file(path) if ckpt is None else ckpt
-    check_format(ckpt, path, QUANT_FORMAT)
+    check_format(ckpt, path, QUANT_FORMAT, "rerun quantize.py (and distill.py)")
     fp_model = load_fp_reference(ckpt["fp"])
     qmodel = build_quant_model(fp_model, ckpt["settings"])
     # assign: the model takes the file's tensors rather than copies (the caller may keep `ckpt`; on
     # LDM-4 a copy is 1.7 GB)
     try:
-        qmodel.unet.unet.load_state_dict(ckpt["unet_state_dict"], assign=True)
+        qmodel.unet.load_state_dict(ckpt["unet_state_dict"], assign=True)
     except RuntimeError as e:  # e.g. written for another step schedule by an older version
         raise ValueError(f"{path}: its quantized layers do not fit the model this code builds from its settings "
                          f"({str(e).splitlines()[-1].strip()}); rerun quantize.py to make it again") from None
@@ -187,28 +169,20 @@ def load_quant_model(path, ckpt=None):
     return fp_model, qmodel.eval(), ckpt
 
 
-def packed_checkpoint(qckpt, qmodel):
-    """A quantize.py/distill.py checkpoint's model with its weights bit-packed (models.pack)."""
-    from models.pack import PACKED_FORMAT, pack_model
-
-    return dict(format=PACKED_FORMAT, version=VERSION, config=qmodel.config, settings=qckpt["settings"],
-                modes=qckpt["modes"], packed=pack_model(qmodel), distill=qckpt.get("distill"))
+def packed_checkpoint(qmodel, distill=None):
+    """qmodel with its weights bit-packed (models.pack), and its settings."""
+    return dict(format=PACKED_FORMAT, version=VERSIONS[PACKED_FORMAT], config=qmodel.config,
+                settings=qmodel.quant_settings, packed=pack_model(qmodel), distill=distill)
 
 
 def load_packed_model(path, ckpt=None):
     """The quantized model of a packed checkpoint, its weights unpacked once (a packed layer keeps
     the dequantized weight as is: `frozen`)."""
-    from models.ldm import DiffusionModel
-    from models.pack import PACKED_FORMAT, unpack_model
-    from models.quant import quant_layers, refresh_weights
-
     ckpt = load_file(path) if ckpt is None else ckpt
-    check_format(ckpt, path, PACKED_FORMAT)
-    s = ckpt["settings"]
+    check_format(ckpt, path, PACKED_FORMAT, "rerun quantize.py or distill.py with --pack")
     with torch.device("meta"):
-        model = DiffusionModel(ckpt["config"])
-        wrap_quant_unet(model, s)
-    layers = quant_layers(model.unet.unet)
+        model = build_quant_model(DiffusionModel(ckpt["config"]), ckpt["settings"])
+    layers = quant_layers(model)
     for name in ckpt["packed"]["layers"]:
         layers[name].frozen = True
     model.load_state_dict(unpack_model(ckpt["packed"]), assign=True)
@@ -217,11 +191,19 @@ def load_packed_model(path, ckpt=None):
     return model.eval(), ckpt
 
 
+def write_packed(qmodel, path, distill=None):
+    """Writes the packed checkpoint and prints its size against the FP32 weights."""
+    save_atomic(packed_checkpoint(qmodel, distill), path)
+    size, ref = Path(path).stat().st_size, fp32_bytes(qmodel)
+    print(f"wrote {path}: {size / 1e3:.1f} kB, {100 * size / ref:.1f}% of the {ref / 1e3:.1f} kB of FP32 weights")
+    return size
+
+
+# ---- whatever sample.py is given
 def load_sampling_model(path, config=None):
     """Any checkpoint sample.py takes: full precision (this project's or an official LDM one),
-    quantize.py / distill.py output, or packed. Returns (model, kind)."""
-    from models.pack import PACKED_FORMAT
-
+    quantize.py / distill.py output, or packed. Returns (model, kind): kind is 'full precision',
+    'quantized' or 'packed'; a quantized or packed model has its quant_settings."""
     ckpt = load_file(path)
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     if fmt in (QUANT_FORMAT, PACKED_FORMAT) and config is not None:
@@ -234,11 +216,15 @@ def load_sampling_model(path, config=None):
     return load_fp_model(path, config, ckpt), "full precision"
 
 
-def write_packed(qckpt, qmodel, path):
-    """Writes the packed checkpoint and prints its size against the FP32 weights."""
-    from models.pack import fp32_bytes
+# ---- the digit classifier (evaluate.py's in-domain feature network)
+def classifier_checkpoint(model, **extra):
+    return dict(format=CLASSIFIER_FORMAT, version=VERSIONS[CLASSIFIER_FORMAT], state_dict=model.state_dict(), **extra)
 
-    save_atomic(packed_checkpoint(qckpt, qmodel), path)
-    size, ref = Path(path).stat().st_size, fp32_bytes(qmodel)
-    print(f"wrote {path}: {size / 1e3:.1f} kB, {100 * size / ref:.1f}% of the {ref / 1e3:.1f} kB of FP32 weights")
-    return size
+
+def load_classifier(path):
+    """The DigitClassifier of a train.py --net classifier checkpoint."""
+    ckpt = load_file(path)
+    check_format(ckpt, path, CLASSIFIER_FORMAT, "rerun train.py --net classifier")
+    model = DigitClassifier()
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()

@@ -7,6 +7,8 @@ for a given seed are therefore the same whatever the batch size or the number of
 import numpy as np
 import torch
 
+from models.quant import set_step
+
 
 def linear_alphas_cumprod(timesteps=1000, linear_start=0.0015, linear_end=0.0195):
     """LDM's 'linear' schedule: linear in sqrt(beta), computed in float64 and stored as float32."""
@@ -66,33 +68,50 @@ def to_uint8(x):
     return (255.0 * torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)).to(torch.uint8).permute(0, 2, 3, 1)
 
 
+# sample i of seed s draws from generator s * SEED_STRIDE + i: seeds that differ by one share no
+# generator for the first SEED_STRIDE samples (a prime, so that no regular pattern of seeds collides)
+SEED_STRIDE = 1_000_003
+
+
 def sample_generators(seed, indices):
     """One generator per sample, seeded from the global seed and the sample's global index."""
-    return [torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i)) for i in indices]
+    return [torch.Generator().manual_seed(int(seed) * SEED_STRIDE + int(i)) for i in indices]
 
 
 def randn_per_sample(generators, shape):
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
-def guided_eps(unet, x, t, context, uncond_context, guidance):
-    """Classifier-free guidance: eps_u + s * (eps_c - eps_u), with both halves in one batch."""
-    if context is None or uncond_context is None or guidance == 1.0:
-        return unet(x, t, context)
-    eps_u, eps_c = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond_context, context])).chunk(2)
+def guidance_batch(x, t, context, uncond_context):
+    """The one UNet batch of classifier-free guidance: [unconditional; conditional] halves."""
+    return torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond_context, context])
+
+
+def combine_guidance(out, guidance):
+    """The guided eps from a UNet output on guidance_batch(): eps_u + s * (eps_c - eps_u)."""
+    eps_u, eps_c = out.chunk(2)
     return eps_u + guidance * (eps_c - eps_u)
 
 
+def is_guided(context, uncond_context, guidance):
+    return context is not None and uncond_context is not None and guidance != 1.0
+
+
+def guided_eps(unet, x, t, context, uncond_context, guidance):
+    """Classifier-free guidance, with both halves in one batch (the unguided output where there is
+    no guidance)."""
+    if not is_guided(context, uncond_context, guidance):
+        return unet(x, t, context)
+    return combine_guidance(unet(*guidance_batch(x, t, context, uncond_context)), guidance)
+
+
 @torch.no_grad()
-def ddim_sample(unet, ddim, x_T, context=None, uncond_context=None, guidance=1.0, generators=None,
-                progress=None):
-    """Runs the DDIM chain from x_T. If the model has `set_step(i)` (a quantized model keeps its
-    activation parameters per sampling step) it is told the step before each call."""
+def ddim_sample(unet, ddim, x_T, context=None, uncond_context=None, guidance=1.0, generators=None):
+    """Runs the DDIM chain from x_T. A quantized UNet keeps its activation parameters per sampling
+    step: it is told the step before each call (set_step does nothing to a full-precision one)."""
     x = x_T
-    steps = range(ddim.steps) if progress is None else progress(range(ddim.steps))
-    for i in steps:
-        if hasattr(unet, "set_step"):
-            unet.set_step(i)
+    for i in range(ddim.steps):
+        set_step(unet, i)
         t = torch.full((x.shape[0],), int(ddim.timesteps[i]), device=x.device, dtype=torch.long)
         eps = guided_eps(unet, x, t, context, uncond_context, guidance)
         noise = None

@@ -67,6 +67,7 @@ class DiffusionModel(nn.Module):
         self.cond_stage_model = ClassEmbedder(**cond) if cond else None
         self.first_stage_model = FirstStageDecoder(**first) if first else None
         self.scale_factor = float(config.get("scale_factor") or 1.0)
+        self.quant_settings = None  # a quantized model's settings (models.qmodel.build_quant_model)
 
     @property
     def alphas_cumprod(self):
@@ -221,3 +222,15 @@ def load_ldm(ckpt_path, config, ckpt=None):
         raise ValueError(f"{name} scales its latents by a value stored in the checkpoint (scale_factor), "
                          f"but {ckpt_path} has none")
     return model.eval()
+
+
+def guess_ldm_config(sd):
+    """The released config whose UNet has exactly the names and shapes of this official state_dict,
+    or None."""
+    found = {k: tuple(v.shape) for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+    for name, cfg in LDM_CONFIGS.items():
+        with torch.device("meta"):
+            unet = DiffusionModel(cfg).unet
+        if found == {UNET_PREFIX + k: tuple(v.shape) for k, v in unet.state_dict().items()}:
+            return name
+    return None

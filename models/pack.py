@@ -11,9 +11,6 @@ import torch
 
 from models.quant import quant_int, quant_layers
 
-PACKED_FORMAT = "mpq-dm/packed"
-
-
 def pack_codes(codes, bits):
     """Unsigned integers < 2**bits (any shape) -> uint8 bytes, `bits` bits each, LSB first."""
     c = codes.reshape(-1).to(torch.int64).numpy()
@@ -60,7 +57,7 @@ def pack_model(qmodel):
     bit-widths in one uint8 buffer, the quantizer parameters in float16 (the model computes with
     float16-representable values, see QuantLayer.round_params), and every other tensor as is."""
     layers, code_parts, offset = {}, [], 0
-    quantized = {n: q for n, q in quant_layers(qmodel.unet.unet).items() if q.mode != "fp"}
+    quantized = {n: q for n, q in quant_layers(qmodel).items() if q.mode != "fp"}  # names as in qmodel's state_dict
     tensors = {}
     for name, q in quantized.items():
         codes = layer_codes(q)
@@ -77,7 +74,7 @@ def pack_model(qmodel):
         record = [q.w_scale, q.w_zero, q.a_scale, q.a_zero] + ([q.smooth] if meta["smooth"] else [])
         tensors[f"quantizer:{name}"] = torch.cat([t.detach().reshape(-1) for t in record]).half()
         tensors[f"bits:{name}"] = q.bits
-    skip = {f"unet.unet.{n}.{k}" for n in quantized for k in ("layer.weight",) + QUANTIZER_STATE}
+    skip = {f"{n}.{k}" for n in quantized for k in ("layer.weight",) + QUANTIZER_STATE}
     tensors.update({k: v for k, v in qmodel.state_dict().items() if k not in skip})
     return dict(layers=layers, codes=torch.cat(code_parts) if code_parts else torch.zeros(0, dtype=torch.uint8),
                 tensors=flatten(tensors))
@@ -87,7 +84,7 @@ def unpack_model(packed):
     """state_dict of the quantized DiffusionModel (packed layers' weights dequantized) from pack_model."""
     sd = unflatten(packed["tensors"])
     for name, meta in packed["layers"].items():
-        prefix = f"unet.unet.{name}."
+        prefix = f"{name}."
         out_ch, in_ch = meta["shape"][:2]
         record = sd.pop(f"quantizer:{name}").float()
         steps = (len(record) - 2 * out_ch - (in_ch if meta["smooth"] else 0)) // 2

@@ -107,7 +107,7 @@ class QuantLayer(nn.Module):
             raise TypeError(f"cannot quantize {type(layer).__name__}")
         self.layer = layer.requires_grad_(False)
         self.mode = mode
-        self.abits = abits
+        self.wbits, self.abits = wbits, abits  # wbits: the layer's target (mean) bit-width
         self.step = 0
         self.w_q = None
         self.frozen = False  # a packed layer: layer.weight already holds the dequantized weight
@@ -231,18 +231,3 @@ def set_step(module, step):
 def refresh_weights(module):
     for m in quant_layers(module).values():
         m.refresh()
-
-
-class QuantUNet(nn.Module):
-    """A UNet whose Conv/Linear layers were replaced by QuantLayers (see models.allocate)."""
-
-    def __init__(self, unet, settings):
-        super().__init__()
-        self.unet = unet
-        self.settings = dict(settings)  # wbits, abits, steps (the DDIM schedule it was calibrated for), ...
-
-    def set_step(self, step):
-        set_step(self.unet, step)
-
-    def forward(self, x, t, context=None):
-        return self.unet(x, t, context)

@@ -8,50 +8,40 @@ as at sampling time.
 """
 import torch
 
-from models.diffusion import randn_per_sample, sample_generators
+from models.diffusion import combine_guidance, guidance_batch, is_guided, randn_per_sample, sample_generators
+from models.quant import set_step
+
+# the eps-MSE check of quantize.py and distill.py runs on the trajectories of seed + HELD_OUT_SEED_OFFSET,
+# which neither calibration nor distillation (seed) draws from
+HELD_OUT_SEED_OFFSET = 10_000
 
 
-class Trajectory:
-    def __init__(self, model, ddim, ids, seed, guidance, device):
-        self.model, self.ddim, self.guidance = model, ddim, guidance
-        self.gens = sample_generators(seed, ids)
-        self.x = randn_per_sample(self.gens, model.latent_shape).to(device)
-        self.context = self.uncond = None
-        if model.num_classes:
-            y = torch.stack([torch.randint(model.num_classes, (), generator=g) for g in self.gens]).to(device)
-            self.context, self.uncond = model.context(y)
-        self.guided = self.context is not None and guidance != 1.0
-
-    def unet_inputs(self, i):
-        """(x, t, context) of the UNet call at step i."""
-        x = self.x
-        t = torch.full((len(x),), int(self.ddim.timesteps[i]), device=x.device, dtype=torch.long)
-        if self.guided:
-            return torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond, self.context])
-        return x, t, self.context
-
-    def combine(self, out):
-        """The guided eps from a UNet output on unet_inputs()."""
-        if not self.guided:
-            return out
-        eps_u, eps_c = out.chunk(2)
-        return eps_u + self.guidance * (eps_c - eps_u)
-
-    def advance(self, i, unet_out):
-        """x_t -> x_{t-1} with the (full-precision) UNet output of step i."""
-        noise = randn_per_sample(self.gens, self.x.shape[1:]).to(self.x) if self.ddim.eta > 0 else None
-        self.x, _ = self.ddim.step(self.x, self.combine(unet_out), i, noise)
+def fp_trajectory(model, ddim, ids, seed, guidance, device):
+    """Runs the FP model along the DDIM trajectories of samples `ids` (one batch). Yields, for every
+    step i, (i, UNet inputs (x, t, context), the FP UNet output on them); when the caller asks for
+    the next step, the batch advances with that FP output."""
+    gens = sample_generators(seed, ids)
+    x = randn_per_sample(gens, model.latent_shape).to(device)
+    context = uncond = None
+    if model.num_classes:
+        y = torch.stack([torch.randint(model.num_classes, (), generator=g) for g in gens]).to(device)
+        context, uncond = model.context(y)
+    guided = is_guided(context, uncond, guidance)
+    for i in range(ddim.steps):
+        t = torch.full((len(x),), int(ddim.timesteps[i]), device=x.device, dtype=torch.long)
+        inputs = guidance_batch(x, t, context, uncond) if guided else (x, t, context)
+        with torch.no_grad():
+            out = model.unet(*inputs)
+        yield i, inputs, out
+        eps = combine_guidance(out, guidance) if guided else out
+        noise = randn_per_sample(gens, x.shape[1:]).to(x) if ddim.eta > 0 else None
+        x, _ = ddim.step(x, eps, i, noise)
 
 
-def trajectories(model, ddim, n, batch_size, seed, guidance, device):
-    """Yields (step, Trajectory) for every step of n trajectories, batch by batch. The caller may
-    use traj.unet_inputs(step); the FP model then advances the batch."""
+def fp_trajectories(model, ddim, n, batch_size, seed, guidance, device):
+    """fp_trajectory over samples 0..n-1, batch by batch."""
     for start in range(0, n, batch_size):
-        traj = Trajectory(model, ddim, range(start, min(start + batch_size, n)), seed, guidance, device)
-        for i in range(ddim.steps):
-            yield i, traj
-            with torch.no_grad():
-                traj.advance(i, model.unet(*traj.unet_inputs(i)))
+        yield from fp_trajectory(model, ddim, range(start, min(start + batch_size, n)), seed, guidance, device)
 
 
 @torch.no_grad()
@@ -59,13 +49,8 @@ def eps_mse(fp_model, q_model, ddim, n, batch_size, seed, guidance, device):
     """One-step error of the quantized model: mean squared difference of its UNet output from the
     FP model's on the FP trajectory's inputs, averaged over all steps and both guidance halves."""
     err, count = 0.0, 0
-    for start in range(0, n, batch_size):
-        traj = Trajectory(fp_model, ddim, range(start, min(start + batch_size, n)), seed, guidance, device)
-        for i in range(ddim.steps):
-            inputs = traj.unet_inputs(i)
-            q_model.unet.set_step(i)
-            out = fp_model.unet(*inputs)
-            err += (q_model.unet(*inputs) - out).pow(2).sum().item()
-            count += out.numel()
-            traj.advance(i, out)
+    for i, inputs, out in fp_trajectories(fp_model, ddim, n, batch_size, seed, guidance, device):
+        set_step(q_model.unet, i)
+        err += (q_model.unet(*inputs) - out).pow(2).sum().item()
+        count += out.numel()
     return err / count

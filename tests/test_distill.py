@@ -7,8 +7,8 @@ import time
 import torch
 
 from models.checkpoint import load_quant_model
-from models.quant import quant_layers, refresh_weights
-from models.trajectory import Trajectory
+from models.quant import quant_layers, refresh_weights, set_step
+from models.trajectory import fp_trajectory
 from models.diffusion import DDIM
 from models.trd import WindowSmoother, relation_kl
 from tests.conftest import ROOT, run_script
@@ -34,19 +34,16 @@ def lora_grads(quant_ckpt, loss_fn):
     fp_model, qmodel, ckpt = student(quant_ckpt)
     feats = {}
     fp_model.unet.output_blocks[-1].register_forward_hook(lambda m, i, o: feats.__setitem__("fp", o))
-    qmodel.unet.unet.output_blocks[-1].register_forward_hook(lambda m, i, o: feats.__setitem__("q", o))
+    qmodel.unet.output_blocks[-1].register_forward_hook(lambda m, i, o: feats.__setitem__("q", o))
     ddim = DDIM(fp_model.alphas_cumprod, steps=ckpt["settings"]["steps"])
-    traj = Trajectory(fp_model, ddim, range(3), 0, 2.0, torch.device("cpu"))
-    inputs = traj.unet_inputs(0)
-    with torch.no_grad():
-        fp_model.unet(*inputs)
+    _, inputs, _ = next(fp_trajectory(fp_model, ddim, range(3), 0, 2.0, torch.device("cpu")))  # FP features: step 0's
     refresh_weights(qmodel.unet)
-    qmodel.unet.set_step(0)
+    set_step(qmodel.unet, 0)
     qmodel.unet(*inputs)
     loss_fn(feats["fp"], feats["q"]).backward()
     nonzero = lambda g: g is not None and g.abs().max().item() > 0
     return {n: (nonzero(m.lora_A.grad), nonzero(m.lora_B.grad))
-            for n, m in quant_layers(qmodel.unet.unet).items() if m.mode != "fp"}
+            for n, m in quant_layers(qmodel.unet).items() if m.mode != "fp"}
 
 
 def test_relation_loss_alone_reaches_every_upstream_lora_parameter(quant_ckpts):
@@ -112,7 +109,7 @@ def test_merged_model_equals_unmerged(quant_ckpts):
     x = torch.randn(3, 1, 8, 8)
     t = torch.tensor([5, 500, 900])
     ctx, _ = fp_model.context(torch.tensor([1, 2, 10]))
-    qmodel.unet.set_step(1)
+    set_step(qmodel.unet, 1)
     with torch.no_grad():
         refresh_weights(qmodel.unet)
         before = qmodel.unet(x, t, ctx)

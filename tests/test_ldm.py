@@ -203,7 +203,7 @@ OFFICIAL_LAYER_COUNTS = {"cin256-v2": 265, "lsun_beds256": 73, "lsun_churches256
 
 
 def quantized_layer_count(config, **flags):
-    from models.allocate import wrap_unet
+    from models.qmodel import wrap_unet
 
     model = meta_model(config)
     with torch.device("meta"):

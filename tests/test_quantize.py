@@ -8,7 +8,8 @@ import torch.nn as nn
 from models.allocate import calibrate_layer, kurtosis, split_bits, split_candidates
 from models.checkpoint import load_quant_model, quant_checkpoint, save_atomic
 from models.diffusion import DDIM, ddim_sample
-from models.quant import QuantLayer, fake_quant, quant_layers, range_search
+from models.quant import QuantLayer, fake_quant, quant_layers, range_search, set_step
+from models.trajectory import HELD_OUT_SEED_OFFSET, eps_mse
 from tests.conftest import QUICK, run_script
 
 
@@ -163,33 +164,53 @@ def test_quantize_script_end_to_end(quant_ckpts):
         layers = report["layers"]
         method = report["settings"]["method"]
         assert method == ("uniform" if key == "uniform" else "omq")
-        for name, r in layers.items():
-            if r["mode"] == "quant":
-                assert r["mean_bits"] == 2.0, name  # exactly n on average, mixed or not
-                assert r["mse_chosen"] <= r["mse_uniform"]
-                if method == "uniform":
-                    assert r["high"] == r["low"] == 0
         assert {r["mode"] for r in layers.values()} == ({"quant", "w8a8"} if key == "all" else {"quant", "w8a8", "fp"})
         assert layers["input_blocks.0.0"]["mode"] == "w8a8" and layers["out.2"]["mode"] == "w8a8"
         fp_model, qmodel, ckpt = load_quant_model(path)
+        qlayers = quant_layers(qmodel.unet)
+        assert qlayers.keys() == layers.keys()
+        for name, r in layers.items():  # the saved model carries the bits that the report describes
+            q = qlayers[name]
+            assert q.mode == r["mode"], name
+            if r["mode"] == "quant":
+                assert set(q.bits.tolist()) <= ({2} if method == "uniform" else {1, 2, 3}), name
+                assert q.bits.float().mean().item() == 2.0, name  # exactly n on average, mixed or not
+                assert ((q.bits == 3).sum().item(), (q.bits == 1).sum().item()) == (r["high"], r["low"]), name
         # per-step activation parameters differ between steps for the quantized layers
-        varying = [n for n, m in quant_layers(qmodel.unet).items()
-                   if m.mode == "quant" and len(set(m.a_scale.tolist())) > 1]
-        assert len(varying) > 0.9 * sum(m.mode == "quant" for m in quant_layers(qmodel.unet).values())
-        assert ckpt["eps_mse"] > 0
+        varying = [n for n, m in qlayers.items() if m.mode == "quant" and len(set(m.a_scale.tolist())) > 1]
+        assert len(varying) > 0.9 * sum(m.mode == "quant" for m in qlayers.values())
+        # the reported eps MSE is the saved model's, on the held-out trajectories
+        s = ckpt["settings"]
+        ddim = DDIM(fp_model.alphas_cumprod, steps=s["steps"])
+        again = eps_mse(fp_model, qmodel, ddim, 4, 8, s["seed"] + HELD_OUT_SEED_OFFSET, s["guidance"], torch.device("cpu"))
+        assert abs(again - ckpt["eps_mse"]) <= 1e-6 * ckpt["eps_mse"]
+        # and calibration did its work: the same model with min/max weight ranges and untouched
+        # activation quantizers (scale 1, zero 0) is far worse
+        with torch.no_grad():
+            for q in qlayers.values():
+                if q.mode != "fp":
+                    w = q.smoothed_weight().flatten(1)
+                    lo, hi = w.min(1).values.clamp(max=0), w.max(1).values.clamp(min=0)
+                    q.w_scale.copy_((hi - lo) / (2.0 ** q.bits.float() - 1))
+                    q.w_zero.copy_(-lo / q.w_scale)
+                    q.a_scale.fill_(1.0)
+                    q.a_zero.fill_(0.0)
+                    q.refresh()
+        crude = eps_mse(fp_model, qmodel, ddim, 4, 8, s["seed"] + HELD_OUT_SEED_OFFSET, s["guidance"], torch.device("cpu"))
+        assert ckpt["eps_mse"] < 0.5 * crude, (ckpt["eps_mse"], crude)
 
 
 def test_save_load_round_trip_is_exact(quant_ckpts, tmp_path):
     fp_model, qmodel, ckpt = load_quant_model(quant_ckpts["omq"])
     path = tmp_path / "again.pt"
-    save_atomic(quant_checkpoint(ckpt["fp"], qmodel, ckpt["settings"]), path)
+    save_atomic(quant_checkpoint(qmodel, ckpt["fp"]), path)
     _, again, _ = load_quant_model(path)
     x = torch.randn(4, 1, 8, 8)
     t = torch.tensor([1, 300, 600, 999])
     ctx, _ = fp_model.context(torch.tensor([0, 3, 5, 10]))
     for step in (0, 3):
-        qmodel.unet.set_step(step)
-        again.unet.set_step(step)
+        set_step(qmodel.unet, step)
+        set_step(again.unet, step)
         with torch.no_grad():
             assert torch.equal(qmodel.unet(x, t, ctx), again.unet(x, t, ctx))
 

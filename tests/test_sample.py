@@ -24,12 +24,12 @@ def test_bit_packing_round_trip(bits):
 def test_unpacked_weights_equal_fake_quantized_weights(quant_ckpts):
     _, qmodel, _ = load_quant_model(quant_ckpts["omq"])
     sd = unpack_model(pack_model(qmodel))
-    layers = {n: q for n, q in quant_layers(qmodel.unet.unet).items() if q.mode != "fp"}
+    layers = {n: q for n, q in quant_layers(qmodel).items() if q.mode != "fp"}
     assert any(len(set(q.bits.tolist())) > 1 for q in layers.values())  # mixed layers are covered
     for name, q in layers.items():
-        assert torch.equal(sd[f"unet.unet.{name}.layer.weight"], q.w_q), name
+        assert torch.equal(sd[f"{name}.layer.weight"], q.w_q), name
     own = qmodel.state_dict()
-    packed_weights = {f"unet.unet.{n}.layer.weight" for n in layers}
+    packed_weights = {f"{n}.layer.weight" for n in layers}
     assert set(sd) == set(own)
     for k, v in sd.items():  # and everything else comes back as it was
         if k not in packed_weights:
@@ -40,7 +40,7 @@ def test_unpacked_weights_equal_fake_quantized_weights(quant_ckpts):
 def packed(quant_ckpts, tmp_path_factory):
     path = tmp_path_factory.mktemp("packed") / "omq.packed.pt"
     _, qmodel, ckpt = load_quant_model(quant_ckpts["omq"])
-    write_packed(ckpt, qmodel, path)
+    write_packed(qmodel, path)
     return path, qmodel
 
 
@@ -87,3 +87,29 @@ def test_torchrun_two_processes_match_one(quant_ckpts, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = np.load(tmp_path / "two" / "samples.npz")
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
+
+
+def test_checkpoints_of_earlier_format_versions_load_or_are_refused_clearly(quant_ckpts, packed, tmp_path):
+    """Quantized version 1 (before the settings were stored whole and the UNet lost its wrapper)
+    held the same tensors and settings plus an unused 'modes' table: it loads and gives the same
+    model. Packed version 1 named its tensors 'unet.unet.*': it is refused, naming the version and
+    what to rerun; so is a file from a newer version of this code."""
+    ckpt = torch.load(quant_ckpts["omq"], weights_only=False)
+    _, qmodel, _ = load_quant_model(quant_ckpts["omq"])
+    v1 = dict(ckpt, version=1, modes={n: q.mode for n, q in quant_layers(qmodel.unet).items()})
+    torch.save(v1, tmp_path / "v1.pt")
+    _, old, _ = load_quant_model(tmp_path / "v1.pt")
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 901])
+    ctx, _ = qmodel.context(torch.tensor([3, 10]))
+    with torch.no_grad():
+        assert torch.equal(old.unet(x, t, ctx), qmodel.unet(x, t, ctx))
+
+    p = torch.load(packed[0], weights_only=False)
+    torch.save(dict(p, version=1), tmp_path / "v1.packed.pt")
+    proc = run_script("sample.py", "--ckpt", tmp_path / "v1.packed.pt", "--out", tmp_path / "s1", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "mpq-dm/packed format version 1" in proc.stderr and "rerun quantize.py or distill.py with --pack" in proc.stderr
+    torch.save(dict(ckpt, version=3), tmp_path / "v3.pt")
+    proc = run_script("sample.py", "--ckpt", tmp_path / "v3.pt", "--out", tmp_path / "s3", check=False)
+    assert proc.returncode == 2 and "format version 3; this code reads up to 2" in proc.stderr
+    assert not (tmp_path / "s1" / "samples.npz").exists() and not (tmp_path / "s3" / "samples.npz").exists()
