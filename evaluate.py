@@ -1,21 +1,37 @@
-"""Scores generated images against real ones: FID through clean-fid, plus IS, precision/recall and
-(where spatial features exist) sFID. Every figure is reported with its sample counts and the
-feature network that produced it.
+"""Scores generated images against real ones: FID through clean-fid's feature pipeline, plus IS,
+precision/recall and sFID. Every figure is reported with its sample counts, the feature network and
+the pipeline that produced it.
 
     python evaluate.py runs/samples/samples.npz                      # embedded default vs. the real digits
-    python evaluate.py samples/ --ref ref_batch.npz --features inception --device cuda
+    python evaluate.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz --device cuda   # the papers' protocol
+    python evaluate.py real_images/ --save-ref ref.npz               # a reference batch of your own (LSUN)
 
 Feature networks:
   digits     the in-domain digit classifier that train.py trains and the repo ships (offline).
              Figures are labelled 'in-domain' (FID_digits etc.): never compare them with Inception FID.
-  inception  clean-fid's standard Inception (mode 'clean'), from clean-fid's cached weights file or
-             --inception PATH. It is never downloaded here: when absent, this fails at once.
+  inception  clean-fid's Inception (inception-2015-12-05.pt, the TensorFlow graph's weights), in
+             --mode legacy_tensorflow (default: the TF pipeline, resizing inside the network, which
+             the published LDM/ADM figures use) or clean (clean-fid's PIL bicubic resize). The
+             weights are looked for in --inception (a file, or a folder; default clean-fid's cache
+             /tmp) and, when absent from a folder, fetched there with clean-fid's own downloader.
   auto       (default) digits for 8x8 images, inception otherwise.
 
 References (--ref): 'digits' (the shipped real data, default), a folder of images, an .npz of uint8
-images (arr_0, NHWC), or an .npz of precomputed statistics (mu, sigma: FID only).
+images (arr_0, NHWC), or a reference batch in ADM's layout: an .npz with mu/sigma (FID), optionally
+mu_s/sigma_s (sFID) and arr_0 images (precision/recall), as OpenAI's VIRTUAL_*.npz files and
+--save-ref write them.
+
+Metrics: FID = Frechet distance of pool features; IS = exp E[KL(p(y|x) || p(y))] from the
+network's class probabilities (Inception: the file's softmax without the output bias, as
+StyleGAN2-ADA computes it), mean and std over --is-splits splits (10, as ADM and torch-fidelity);
+precision/recall = Kynkaanniemi et al. 2019 with k-NN manifolds (k = --k), computed --block rows at
+a time (memory: block x N x 4 bytes, 205 MB for 1,024 x 50,000); sFID = Frechet distance of spatial
+features (Inception: the first 7 channels of mixed_6/conv, 7 x 17 x 17, as ADM's evaluator).
+Images are read a batch at a time (an .npz member is streamed, a folder is read file by file), so
+memory grows with N only by the features.
 """
 import argparse
+import hashlib
 import json
 import os
 import tempfile
@@ -25,24 +41,36 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from models.checkpoint import load_classifier
 from models.cli import check_device, check_output, exit_on_interrupt, positive_int
 from models.digits import DEFAULT_CLASSIFIER, load_digits
+from models.npz import NpzArray, npz_members, write_npz
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's weights file name
-INCEPTION_CACHE = Path("/tmp") / INCEPTION_FILE  # where clean-fid itself keeps it (Linux/macOS)
+INCEPTION_CACHE = Path("/tmp")  # the folder where clean-fid itself keeps it (Linux/macOS)
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".npy")
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("samples", type=Path, help="folder of images or .npz of uint8 images (sample.py's samples.npz)")
-parser.add_argument("--ref", default="digits", help="'digits', a folder, an images .npz or a stats .npz")
+parser.add_argument("samples", type=Path, help="folder of images or .npz of uint8 images (sample.py's samples.npz); "
+                    "with --save-ref: the real images")
+parser.add_argument("--ref", default="digits", help="'digits', a folder, an images .npz or a reference batch .npz")
 parser.add_argument("--features", choices=["auto", "digits", "inception"], default="auto")
-parser.add_argument("--inception", type=Path, default=None, help=f"path of {INCEPTION_FILE} (default: clean-fid's cache)")
+parser.add_argument("--mode", choices=["legacy_tensorflow", "clean"], default="legacy_tensorflow",
+                    help="Inception pipeline (clean-fid's modes); the digit network needs no resize")
+parser.add_argument("--inception", type=Path, default=INCEPTION_CACHE,
+                    help=f"{INCEPTION_FILE}, or the folder that holds it (fetched there when absent)")
 parser.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER, help="in-domain feature network")
 parser.add_argument("--k", type=positive_int, default=3, help="neighbours for the precision/recall manifolds")
+parser.add_argument("--is-splits", type=positive_int, default=10, help="splits for the Inception Score's mean and std")
+parser.add_argument("--block", type=positive_int, default=1024, help="distance-matrix rows held at once (precision/recall)")
 parser.add_argument("--batch-size", type=positive_int, default=256)
+parser.add_argument("--save-ref", type=Path, default=None,
+                    help="write a reference batch (ADM's layout) from the images instead of evaluating them")
+parser.add_argument("--ref-images", type=positive_int, default=10_000,
+                    help="with --save-ref: images kept in arr_0 for precision/recall (ADM's batches keep 10,000)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 parser.add_argument("--out", type=Path, default=None,
                     help="JSON of all figures (default: beside the samples; an earlier report there is replaced)")
@@ -50,66 +78,126 @@ args = parser.parse_args()
 device = check_device(parser, args.device)
 if not args.samples.exists():
     parser.error(f"samples: {args.samples} does not exist")
-out = args.out or (args.samples.with_suffix(".eval.json") if args.samples.suffix == ".npz"
-                   else args.samples / "eval.json")
-check_output(parser, out, inputs=[args.samples], force=True)
+if args.save_ref is not None:
+    if args.save_ref.suffix != ".npz":
+        parser.error(f"--save-ref {args.save_ref}: the reference batch is an .npz file; name it <something>.npz")
+    check_output(parser, args.save_ref, inputs=[args.samples], flag="--save-ref")
+else:
+    out = args.out or (args.samples.with_suffix(".eval.json") if args.samples.suffix == ".npz"
+                       else args.samples / "eval.json")
+    check_output(parser, out, inputs=[args.samples], force=True)
 exit_on_interrupt("evaluate.py")
 
 
-# ---- images
-def read_npz(path, what):
-    """Every array of an .npz, read now: a truncated file or an object array is a clear error here."""
+# ---- images, read a batch at a time
+class Images:
+    """uint8 images [N, H, W, C] from a folder of images, an .npz (arr_0), or an array in memory:
+    .shape, len(), .batches(n, stop=None). Sizes are checked before any image is decoded."""
+
+    def __init__(self, source, what):
+        self.what, self.files, self.array = what, None, None
+        path = Path(source) if not isinstance(source, np.ndarray) else None
+        if path is None:
+            self.array, shape = source, source.shape
+        elif path.is_dir():
+            self.files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXT)
+            if not self.files:
+                raise SystemExit(f"error: {what} folder {path} holds no images ({', '.join(IMAGE_EXT)})")
+            try:
+                shapes = {self._shape(f) for f in self.files}
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"error: {what}: an image in {path} cannot be read ({e})")
+            if len(shapes) > 1:
+                raise SystemExit(f"error: {what} images have mixed sizes {sorted(shapes)[:4]}; resize them to one size first")
+            shape = (len(self.files), *shapes.pop())
+        elif path.suffix == ".npz" and path.is_file():
+            members = read_members(path, what)
+            if "arr_0" not in members:
+                raise SystemExit(f"error: {path} has no 'arr_0' images (keys: {members})")
+            self.array = open_member(path, "arr_0", what)
+            shape = self.array.shape
+        elif not path.exists():
+            raise SystemExit(f"error: {what} {path} does not exist")
+        else:
+            raise SystemExit(f"error: {what} must be a folder of images or an .npz, got {path}")
+        shape = tuple(shape) + ((1,) if len(shape) == 3 else ())
+        dtype = np.uint8 if self.files else self.array.dtype
+        if len(shape) != 4 or shape[-1] not in (1, 3) or dtype != np.uint8:
+            raise SystemExit(f"error: {what} must be uint8 images [N, H, W, 1|3], got {dtype} {list(shape)}")
+        if shape[0] < 2:
+            raise SystemExit(f"error: {what} holds {shape[0]} image(s); FID needs at least 2 (thousands to mean much)")
+        self.shape = shape
+
+    @staticmethod
+    def _shape(f):
+        if f.suffix == ".npy":
+            a = np.load(f, mmap_mode="r", allow_pickle=False)
+            return a.shape if a.ndim == 3 else (*a.shape, 1)
+        with Image.open(f) as im:
+            return (im.height, im.width, 1 if im.mode == "L" else 3)
+
+    @staticmethod
+    def _read(f):
+        if f.suffix == ".npy":
+            return np.load(f, allow_pickle=False)
+        with Image.open(f) as im:
+            return np.array(im if im.mode in ("L", "RGB") else im.convert("RGB"))
+
+    def __len__(self):
+        return self.shape[0]
+
+    def batches(self, batch_size, stop=None):
+        stop = len(self) if stop is None else min(stop, len(self))
+        if self.files is not None:
+            for i in range(0, stop, batch_size):
+                try:
+                    yield np.stack([self._read(f) for f in self.files[i:min(i + batch_size, stop)]]).reshape(-1, *self.shape[1:])
+                except (OSError, ValueError) as e:
+                    raise SystemExit(f"error: {self.what}: an image in {self.files[i].parent} cannot be read ({e})")
+        elif isinstance(self.array, np.ndarray):
+            for i in range(0, stop, batch_size):
+                yield self.array[i:min(i + batch_size, stop)].reshape(-1, *self.shape[1:])
+        else:
+            for b in self.array.batches(batch_size, stop=stop):
+                yield b.reshape(-1, *self.shape[1:])
+
+
+def read_members(path, what):
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        return npz_members(path)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise SystemExit(f"error: {what} {path} is not a readable .npz of arrays ({e})")
+
+
+def open_member(path, name, what):
+    try:
+        return NpzArray(path, name)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise SystemExit(f"error: {what} {path} is not a readable .npz of arrays ({e})")
 
 
-def load_images(path, what):
-    """uint8 [N, H, W, C] from a folder of images or an .npz (arr_0); checks sizes agree."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXT)
-        if not files:
-            raise SystemExit(f"error: {what} folder {path} holds no images ({', '.join(IMAGE_EXT)})")
-        try:
-            arrays = [np.load(f, allow_pickle=False) if f.suffix == ".npy" else np.array(Image.open(f)) for f in files]
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: {what}: an image in {path} cannot be read ({e})")
-        shapes = {a.shape for a in arrays}
-        if len(shapes) > 1:
-            raise SystemExit(f"error: {what} images have mixed sizes {sorted(shapes)[:4]}; resize them to one size first")
-        images = np.stack(arrays)
-    elif path.suffix == ".npz" and path.is_file():
-        data = read_npz(path, what)
-        if "arr_0" not in data:
-            raise SystemExit(f"error: {path} has no 'arr_0' images (keys: {list(data.keys())})")
-        images = data["arr_0"]
-    elif not path.exists():
-        raise SystemExit(f"error: {what} {path} does not exist")
-    else:
-        raise SystemExit(f"error: {what} must be a folder of images or an .npz, got {path}")
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
-        raise SystemExit(f"error: {what} must be uint8 images [N, H, W, 1|3], got {images.dtype} {list(images.shape)}")
-    if len(images) < 2:
-        raise SystemExit(f"error: {what} holds {len(images)} image(s); FID needs at least 2 (thousands to mean much)")
-    return images
+def read_array(path, name, what):
+    try:
+        return open_member(path, name, what).read()
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise SystemExit(f"error: {what} {path} is not a readable .npz of arrays ({e})")
 
 
-samples = load_images(args.samples, "samples")
-ref_stats = None
-if args.ref == "digits":
-    ref = load_digits()[0].permute(0, 2, 3, 1).numpy()
-    ref_name = "digits (1797 real images)"
-elif args.ref.endswith(".npz") and Path(args.ref).is_file() and "mu" in (stats := read_npz(args.ref, "reference")):
-    if "sigma" not in stats:
+samples = Images(args.samples, "samples" if args.save_ref is None else "images")
+ref, ref_stats, ref_meta, ref_name = None, None, None, None
+if args.save_ref is not None:
+    pass
+elif args.ref == "digits":
+    ref, ref_name = Images(load_digits()[0].permute(0, 2, 3, 1).numpy(), "reference"), "digits (1797 real images)"
+elif args.ref.endswith(".npz") and Path(args.ref).is_file() and "mu" in (members := read_members(args.ref, "reference")):
+    if "sigma" not in members:
         raise SystemExit(f"error: reference {args.ref} has 'mu' but no 'sigma'")
-    ref, ref_stats, ref_name = None, stats, args.ref
+    ref_stats = {k: read_array(args.ref, k, "reference") for k in ("mu", "sigma", "mu_s", "sigma_s") if k in members}
+    ref_meta = json.loads(str(read_array(args.ref, "meta", "reference"))) if "meta" in members else None
+    ref = Images(args.ref, "reference") if "arr_0" in members else None
+    ref_name = args.ref
 else:
-    ref, ref_name = load_images(args.ref, "reference"), args.ref
+    ref, ref_name = Images(args.ref, "reference"), args.ref
 notes = []
 if ref is not None:
     if ref.shape[1:3] != samples.shape[1:3]:
@@ -117,31 +205,76 @@ if ref is not None:
                          f"{ref.shape[1]}x{ref.shape[2]}")
     if ref.shape[-1] != samples.shape[-1]:
         notes.append("grayscale images were converted to RGB (channel copies) to match the other set")
-        samples, ref = (np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a for a in (samples, ref))
 
-# ---- the feature network, called through clean-fid's feature pipeline
+# ---- the feature network; images reach it through clean-fid's own per-image pipeline
 features = args.features
 if features == "auto":
     features = "digits" if samples.shape[1:3] == (8, 8) else "inception"
 
-if features == "inception":
-    inception_path = args.inception or INCEPTION_CACHE
-    if not Path(inception_path).is_file():
-        raise SystemExit(f"error: the Inception weights are not at {inception_path} and nothing is downloaded here. "
-                         f"Put clean-fid's {INCEPTION_FILE} there (or pass --inception PATH), or use --features digits "
-                         f"for the in-domain figures of the embedded default.")
-    from cleanfid.inception_torchscript import InceptionV3W
 
-    inception = InceptionV3W(str(Path(inception_path).parent), download=False).to(device).eval()
+def inception_weights(where):
+    """The weights file: `where` itself, or INCEPTION_FILE in the folder `where`, fetched there with
+    clean-fid's downloader when absent (into a temporary name first: a broken download leaves nothing)."""
+    if not where.is_dir():
+        if where.is_file():
+            return where
+        parser.error(f"--inception {where}: no such file or folder (give {INCEPTION_FILE} or its folder)")
+    path = where / INCEPTION_FILE
+    if path.is_file():
+        return path
+    from cleanfid.downloads_helper import check_download_inception, inception_url
+
+    print(f"fetching the Inception weights to {path} with clean-fid's downloader ({inception_url})")
+    try:
+        with tempfile.TemporaryDirectory(dir=where) as tmp:
+            os.replace(check_download_inception(fpath=tmp), path)
+    except Exception as e:  # offline: URLError at once
+        raise SystemExit(f"error: the Inception weights are not at {path} and could not be downloaded "
+                         f"({type(e).__name__}: {e}). Download {inception_url} there (or anywhere, then pass "
+                         f"--inception PATH), or use --features digits for the in-domain figures of the embedded "
+                         f"default.")
+    return path
+
+
+def mixed_6_conv(inception, x299):
+    """ADM's sFID features: the first 7 channels of mixed_6/conv (17 x 17), flattened in TF's HWC
+    order, from normalised 299x299 input. clean-fid's TorchScript file names its layers after the TF
+    graph, so mixed_6's 'conv' is the branch ADM reads."""
+    h = x299
+    for name, layer in inception.layers.named_children():
+        if name == "mixed_6":
+            return layer.conv(h)[:, :7].permute(0, 2, 3, 1).flatten(1)
+        h = layer(h)
+    raise ValueError("this Inception file has no layer mixed_6")
+
+
+if features == "inception":
+    from cleanfid.inception_torchscript import InceptionV3W
+    from cleanfid.resize import build_resizer
+
+    weights = inception_weights(args.inception)
+    if weights.name != INCEPTION_FILE:
+        raise SystemExit(f"error: --inception {weights}: clean-fid loads the weights by the name {INCEPTION_FILE}; "
+                         f"rename the file or give its folder")
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    legacy = args.mode == "legacy_tensorflow"
+    inception = InceptionV3W(str(weights.parent), download=False, resize_inside=legacy).to(device).eval()
+    spatial_ok = [None]  # whether our 299x299 input reproduces the network's own (checked on the first batch)
 
     def extractor(x):
-        """[B, 3, 299, 299] in 0..255 -> pool3 features (2048) | class probabilities (for IS)."""
-        feats = inception(x)  # clean-fid's own call for FID features
-        probs = inception.base(x, return_features=False).float()  # the file returns probabilities already
-        return torch.cat([feats, probs], dim=1)
+        """[B, 3, H, W] in 0..255 (299x299 in clean mode) -> pool features, class probabilities, spatial."""
+        pool = inception(x)  # clean-fid's own call for FID features
+        probs = inception.base(x, return_features=False, no_output_bias=True).float()  # probabilities already
+        x299 = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) if legacy else x
+        x299 = (x299 - 128) / 128
+        if spatial_ok[0] is None:  # the TF graph resizes inside; our spatial path must see what it sees
+            again = inception.layers(x299).reshape(len(x), -1)
+            spatial_ok[0] = bool(torch.allclose(again, pool, rtol=1e-4, atol=1e-4))
+        spatial = mixed_6_conv(inception, x299) if spatial_ok[0] else torch.zeros(len(x), 0)
+        return pool, probs, spatial
 
-    resize = None  # clean-fid's own 'clean' resize to 299x299
-    split = (2048, None)  # the rest are class probabilities; no spatial features
+    fn_resize = build_resizer(args.mode)
+    network = dict(feature_network="Inception", mode=args.mode, weights=INCEPTION_FILE, weights_sha256=sha)
     label = "Inception"
 else:
     try:
@@ -153,81 +286,130 @@ else:
                          f"train.py --net classifier writes one, the shipped one is {DEFAULT_CLASSIFIER}")
     if samples.shape[1:3] != (8, 8):
         raise SystemExit(f"error: the in-domain digit network takes 8x8 images, got {samples.shape[1]}x{samples.shape[2]}")
-    if samples.shape[-1] == 3 and not (samples[..., :1] == samples).all():
-        notes.append("RGB samples were converted to grayscale (channel mean) for the digit network")
 
     def extractor(x):
-        """[B, 3, 8, 8] in 0..255 -> penultimate features | class probabilities | spatial map."""
-        logits, feats, spatial = clf(x.mean(1, keepdim=True) / 127.5 - 1, return_features=True)
+        """[B, 3, 8, 8] in 0..255 -> penultimate features, class probabilities, spatial map."""
+        gray = x.mean(1, keepdim=True)
+        if not torch.equal(gray.expand_as(x), x) and not any("grayscale" in n for n in notes):
+            notes.append("RGB samples were converted to grayscale (channel mean) for the digit network")
+        logits, feats, spatial = clf(gray / 127.5 - 1, return_features=True)
         # spatial features for sFID: the first 8 channels of the last conv map (8 x 4 x 4), as ADM's
         # sFID keeps the first 7 channels of Inception's mixed_6/conv
-        return torch.cat([feats, torch.softmax(logits, 1), spatial[:, :8].flatten(1)], dim=1)
+        return feats, torch.softmax(logits, 1), spatial[:, :8].flatten(1)
 
-    resize = lambda a: a  # keep 8x8: no 299x299 resize for the in-domain network
-    split = (clf.head.in_features, clf.head.out_features)
+    fn_resize = lambda a: a  # keep 8x8: no 299x299 resize for the in-domain network
+    network = dict(feature_network="digits", mode=None, weights=str(args.classifier),
+                   weights_sha256=hashlib.sha256(Path(args.classifier).read_bytes()).hexdigest())
     label = "digits"
 
 
-def clean_fid_features(images, desc):
-    """Runs the extractor over the images with clean-fid's loader (files -> RGB -> resize -> 0..255)."""
-    from cleanfid import fid
+def network_features(images, desc):
+    """(pool float64 [N, D], probabilities [N, K], spatial float64 [N, S]) of every image, a batch at
+    a time, each image through clean-fid's own loader steps (RGB, resize, ToTensor * 255)."""
+    from cleanfid.utils import ResizeDataset
+    from tqdm import tqdm
 
-    with tempfile.TemporaryDirectory() as tmp:
-        files = []
-        for i, im in enumerate(images):
-            files.append(os.path.join(tmp, f"{i:06d}.png"))
-            Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(files[-1])
-        with torch.no_grad():
-            out = fid.get_files_features(files, model=extractor, num_workers=0, batch_size=args.batch_size,
-                                         device=device, mode="clean", custom_fn_resize=resize, description=desc)
-    n_feat, n_cls = split
-    n_cls = n_cls or out.shape[1] - n_feat
-    return out[:, :n_feat].astype(np.float64), out[:, n_feat:n_feat + n_cls], out[:, n_feat + n_cls:]
+    to_tensor = ResizeDataset([], mode="clean").transforms  # clean-fid's ToTensor
+    parts = [[], [], []]
+    with tqdm(total=len(images), desc=desc) as bar:
+        for batch in images.batches(args.batch_size):
+            if batch.shape[-1] == 1:
+                batch = np.repeat(batch, 3, axis=-1)  # what clean-fid's .convert('RGB') does to grayscale
+            resized = [fn_resize(im) for im in batch]
+            x = torch.stack([to_tensor(np.array(r)) * 255 if r.dtype == np.uint8 else to_tensor(r) for r in resized])
+            with torch.no_grad():
+                for part, value in zip(parts, extractor(x.to(device))):
+                    part.append(value.cpu().numpy())
+            bar.update(len(batch))
+    pool, probs, spatial = (np.concatenate(p) for p in parts)
+    return pool.astype(np.float64), probs, spatial.astype(np.float64)
 
 
 # ---- metrics
-def inception_score(probs, eps=1e-12):
-    p_y = probs.mean(0, keepdims=True)
-    return float(np.exp((probs * (np.log(probs + eps) - np.log(p_y + eps))).sum(1).mean()))
-
-
-def precision_recall(real, fake, k):
-    """Kynkaanniemi et al. 2019: a sample is inside a manifold if it lies within the k-NN radius of
-    one of the manifold's points."""
-    real, fake = torch.from_numpy(real).float(), torch.from_numpy(fake).float()
-
-    def radii(x):
-        d = torch.cdist(x, x)
-        return d.kthvalue(min(k + 1, len(x)), dim=1).values  # the 0th neighbour is the point itself
-
-    def coverage(manifold, r, queries):
-        return (torch.cdist(queries, manifold) <= r[None]).any(1).float().mean().item()
-
-    return coverage(real, radii(real), fake), coverage(fake, radii(fake), real)
+def stats(f):
+    return np.mean(f, axis=0), np.cov(f, rowvar=False)
 
 
 def frechet(a, b):
     from cleanfid import fid
 
-    return float(fid.fid_from_feats(a, b))
+    return float(fid.frechet_distance(*a, *b))
 
 
-fake_f, fake_p, fake_s = clean_fid_features(samples, f"{label} features: samples")
-results = dict(feature_network=label, n_samples=len(samples), reference=ref_name, notes=notes)
+def inception_score(probs, splits, eps=1e-12):
+    """Mean and std over `splits` equal parts (the last part takes the remainder), each
+    exp(mean KL(p(y|x) || p(y))) with p(y) that part's mean."""
+    scores = []
+    for part in np.array_split(probs.astype(np.float64), min(splits, len(probs))):
+        p_y = part.mean(0, keepdims=True)
+        scores.append(float(np.exp((part * (np.log(part + eps) - np.log(p_y + eps))).sum(1).mean())))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def precision_recall(real, fake, k, block):
+    """Kynkaanniemi et al. 2019: a sample is inside a manifold if it lies within the k-NN radius of
+    one of the manifold's points. Distances are computed `block` rows at a time."""
+    real, fake = torch.from_numpy(real).float(), torch.from_numpy(fake).float()
+
+    def radii(x):
+        return torch.cat([torch.cdist(x[i:i + block], x).kthvalue(min(k + 1, len(x)), dim=1).values
+                          for i in range(0, len(x), block)])  # the 0th neighbour is the point itself
+
+    def coverage(manifold, r, queries):
+        inside = [(torch.cdist(queries[i:i + block], manifold) <= r[None]).any(1) for i in range(0, len(queries), block)]
+        return torch.cat(inside).float().mean().item()
+
+    return coverage(real, radii(real), fake), coverage(fake, radii(fake), real)
+
+
+fake_f, fake_p, fake_s = network_features(samples, f"{label} features: " + ("images" if args.save_ref else "samples"))
+
+# ---- --save-ref: a reference batch in ADM's layout, and nothing else
+if args.save_ref is not None:
+    keep = min(len(samples), args.ref_images)
+    members = dict(mu=stats(fake_f)[0], sigma=stats(fake_f)[1])
+    if fake_s.shape[1]:
+        members["mu_s"], members["sigma_s"] = stats(fake_s)
+    meta = dict(network, n_images=len(samples), n_kept=keep, source=str(args.samples))
+    write_npz(args.save_ref, {**{k: (v.dtype, v.shape, [v]) for k, v in members.items()},
+                              "arr_0": (np.uint8, (keep, *samples.shape[1:]), samples.batches(args.batch_size, stop=keep)),
+                              "meta": (np.dtype(f"<U{len(json.dumps(meta))}"), (), [np.array(json.dumps(meta))])})
+    print(f"wrote {args.save_ref}: statistics of {len(samples)} images ({label} features"
+          + (f", {args.mode}" if args.mode and label == "Inception" else "") + f"), {keep} images kept in arr_0")
+    raise SystemExit(0)
+
+results = dict(network, n_samples=len(samples), reference=ref_name, notes=notes)
 if ref_stats is not None:
-    from cleanfid import fid
-
-    mu, sigma = np.mean(fake_f, axis=0), np.cov(fake_f, rowvar=False)
-    results["fid"] = float(fid.frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"]))
-    results["n_reference"] = None
-else:
-    real_f, real_p, real_s = clean_fid_features(ref, f"{label} features: reference")
-    results["n_reference"] = len(ref)
-    results["fid"] = frechet(fake_f, real_f)
-    results["precision"], results["recall"] = precision_recall(real_f, fake_f, args.k)
-    results["sfid"] = frechet(fake_s, real_s) if fake_s.shape[1] else None
-    results["is_reference"] = inception_score(real_p)
-results["is"] = inception_score(fake_p)
+    if ref_meta is not None and (ref_meta["feature_network"], ref_meta["mode"], ref_meta["weights_sha256"]) != \
+            (network["feature_network"], network["mode"], network["weights_sha256"]):
+        raise SystemExit(f"error: reference {ref_name} was made with {ref_meta['feature_network']} features "
+                         f"(mode {ref_meta['mode']}, weights sha256 {ref_meta['weights_sha256'][:12]}...), these "
+                         f"samples with {label} (mode {network['mode']}, {network['weights_sha256'][:12]}...): "
+                         f"their figures would not be comparable")
+    if ref_meta is None:
+        if label != "Inception" or args.mode != "legacy_tensorflow":
+            raise SystemExit(f"error: reference {ref_name} holds statistics without a record of how they were made; "
+                             f"they are taken as ADM's (TensorFlow Inception), which only --features inception "
+                             f"--mode legacy_tensorflow reproduces: anything else would mix two pipelines")
+        notes.append("reference statistics without a record of their pipeline: taken as ADM's TensorFlow Inception")
+    if ref_stats["mu"].shape != (fake_f.shape[1],):
+        raise SystemExit(f"error: reference {ref_name} has {ref_stats['mu'].shape[0]}-dimensional statistics, "
+                         f"the {label} features {fake_f.shape[1]}")
+    results["fid"] = frechet(stats(fake_f), (ref_stats["mu"], ref_stats["sigma"]))
+    results["n_reference"] = int(ref_meta["n_images"]) if ref_meta else None
+    results["sfid"] = (frechet(stats(fake_s), (ref_stats["mu_s"], ref_stats["sigma_s"]))
+                       if "mu_s" in ref_stats and fake_s.shape[1] == ref_stats["mu_s"].shape[0] else None)
+if ref is not None:
+    real_f, real_p, real_s = network_features(ref, f"{label} features: reference")
+    if ref_stats is None:
+        results["n_reference"] = len(ref)
+        results["fid"] = frechet(stats(fake_f), stats(real_f))
+        results["sfid"] = frechet(stats(fake_s), stats(real_s)) if fake_s.shape[1] else None
+    results["precision"], results["recall"] = precision_recall(real_f, fake_f, args.k, args.block)
+    results["n_reference_pr"] = len(ref)
+    results["is_reference"], results["is_reference_std"] = inception_score(real_p, args.is_splits)
+results["is"], results["is_std"] = inception_score(fake_p, args.is_splits)
+results["is_splits"] = min(args.is_splits, len(samples))
 n_feat = fake_f.shape[1]
 if min(len(samples), results["n_reference"] or 10**9) < max(n_feat, 1000):
     warnings.warn(f"FID from {len(samples)} samples and {results['n_reference'] or 'precomputed'} reference images "
@@ -235,15 +417,17 @@ if min(len(samples), results["n_reference"] or 10**9) < max(n_feat, 1000):
                                  f"covariance" if len(samples) < n_feat else "")
                   + "; it is not comparable with figures from other sample counts")
 if results.get("sfid") is None and label == "Inception":
-    results["sfid_note"] = "sFID needs spatial Inception features (mixed_6/conv), which clean-fid's model does not expose"
+    results["sfid_note"] = ("the reference has no spatial statistics (mu_s, sigma_s)" if spatial_ok[0] else
+                            "our 299x299 input did not reproduce the network's own pool features, so mixed_6/conv "
+                            "was not read")
 results["k"] = args.k
 
 prefix = "" if label == "Inception" else "in-domain "
-summary = (f"{prefix}FID_{label} {results['fid']:.3f} | IS {results['is']:.3f} | "
+summary = (f"{prefix}FID_{label} {results['fid']:.3f} | IS {results['is']:.3f} +- {results['is_std']:.3f} | "
            + (f"precision {results['precision']:.3f} | recall {results['recall']:.3f} | " if "precision" in results else "")
            + (f"sFID {results['sfid']:.3f} | " if results.get("sfid") is not None else "")
            + f"{len(samples)} samples vs {results['n_reference'] or 'precomputed'} reference ({ref_name}), "
-           + f"features: {label}")
+           + f"features: {label}" + (f" ({args.mode})" if label == "Inception" else ""))
 for n in notes:
     print(f"note: {n}")
 print(summary)

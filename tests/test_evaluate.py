@@ -1,6 +1,7 @@
 """evaluate.py: FID/IS/precision/recall through clean-fid, offline, with clear errors."""
 import json
 import sys
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -71,51 +72,143 @@ def test_default_path_runs_with_no_network(tmp_path):
     assert results(path)["fid"] > 0
 
 
-class StandInLayers(nn.Module):
+class StandInMixed6(nn.Module):
     def __init__(self):
         super().__init__()
-        self.proj = nn.Linear(3 * 23 * 23, 2048)
+        self.conv = nn.Conv2d(8, 12, 1)  # the branch whose first 7 channels ADM's sFID reads
+        self.tower = nn.Conv2d(8, 4, 3, padding=1)
 
     def forward(self, x):
-        return torch.tanh(self.proj(nn.functional.avg_pool2d(x, 13).flatten(1)))[:, :, None, None]
+        return torch.cat([self.conv(x), self.tower(x)], 1)
 
 
 class StandInInception(nn.Module):
-    """The interface of clean-fid's inception-2015-12-05.pt TorchScript file, with random weights."""
+    """The interface of clean-fid's inception-2015-12-05.pt TorchScript file, with random weights:
+    `layers` named after the TF graph (with mixed_6.conv) taking normalised 299x299 input to
+    [B, 2048, 1, 1]; forward(img in 0..255, return_features, no_output_bias) resizing to 299x299
+    inside (bilinear, as the TF graph), returning pool features or class probabilities."""
 
     def __init__(self):
         super().__init__()
-        self.layers = StandInLayers()
+        self.layers = nn.Sequential(OrderedDict(
+            conv=nn.Conv2d(3, 8, 3, stride=8), pool0=nn.AvgPool2d(7), mixed_6=StandInMixed6(),  # mixed_6 at 5x5
+            pool=nn.AdaptiveAvgPool2d(1),
+            proj=nn.Conv2d(16, 2048, 1), act=nn.Tanh()))
         self.output = nn.Linear(2048, 1008)
+        with torch.no_grad():  # confident classes, so that the IS is far from 1 (a second softmax would flatten it)
+            self.output.weight.mul_(40)
+            self.output.bias.mul_(40)
 
-    def forward(self, img, return_features: bool = False):
-        features = self.layers((img - 128) / 128).view(-1, 2048)
+    def forward(self, img, return_features: bool = False, no_output_bias: bool = False):
+        x = img.to(torch.float32)
+        if x.shape[2] != 299 or x.shape[3] != 299:
+            x = nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        features = self.layers((x - 128) / 128).reshape(-1, 2048)
         if return_features:
             return features
-        return torch.softmax(self.output(features), dim=1)  # the real file returns class probabilities
+        logits = self.output(features)
+        if no_output_bias:
+            logits = logits - self.output.bias
+        return torch.softmax(logits, dim=1)  # the real file returns class probabilities
 
 
-def test_inception_path_goes_through_clean_fid_with_a_stand_in(tmp_path):
+def image_folder(path, n, noise, seed):
+    """n 20x20 RGB images (digits, enlarged, with noise) as PNGs; returns the folder and the array."""
+    rng = np.random.default_rng(seed)
+    digits = load_digits()[0][:n, 0].numpy()
+    images = np.stack([np.array(Image.fromarray(d).resize((20, 20), Image.NEAREST)) for d in digits])
+    images = np.clip(images[..., None] + noise * rng.standard_normal((n, 20, 20, 3)), 0, 255).astype(np.uint8)
+    path.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(path / f"{i:04d}.png")
+    return path, images
+
+
+def test_inception_figures_equal_clean_fids_own_pipeline_and_a_direct_is(tmp_path):
+    """With a stand-in of the real weights file: FID equals clean-fid's compute_fid with the same
+    file through clean-fid's own wrapper (InceptionV3W, as for the real weights) in both modes; IS
+    equals a direct computation from the file's probabilities (no second softmax, no output bias,
+    10 splits); sFID is read from mixed_6/conv; the JSON names the mode and the weights' sha256."""
+    import hashlib
+    from cleanfid import fid
+    from cleanfid.inception_torchscript import InceptionV3W
+
     torch.manual_seed(0)
     weights = tmp_path / "inception-2015-12-05.pt"
     torch.jit.script(StandInInception()).save(str(weights))
-    ref = digits_npz(tmp_path / "ref.npz", n=64, rgb=True)
-    same = digits_npz(tmp_path / "same.npz", n=64, rgb=True)
-    proc = evaluate(same, "--ref", ref, "--features", "inception", "--inception", weights)
-    r = results(same)
-    assert r["feature_network"] == "Inception" and abs(r["fid"]) < 1e-2 and r["sfid"] is None
-    assert "fewer than 2048" in proc.stderr
-    assert proc.stdout.strip().splitlines()[-1].startswith("FID_Inception")
-    noisy = digits_npz(tmp_path / "noisy.npz", n=64, noise=80.0, rgb=True)
-    evaluate(noisy, "--ref", ref, "--features", "inception", "--inception", weights)
-    assert results(noisy)["fid"] > results(same)["fid"] + 1e-3
+    fake_dir, fake = image_folder(tmp_path / "fake", 60, 40.0, 1)
+    real_dir, _ = image_folder(tmp_path / "real", 50, 10.0, 2)
+    fids = {}
+    for mode in ("legacy_tensorflow", "clean"):
+        out = tmp_path / f"{mode}.json"
+        evaluate(fake_dir, "--ref", real_dir, "--features", "inception", "--mode", mode, "--inception", weights,
+                 "--out", out)
+        r = json.loads(out.read_text())
+        theirs = fid.compute_fid(str(fake_dir), str(real_dir), mode=mode, num_workers=0, batch_size=16,
+                                 device=torch.device("cpu"), verbose=False, use_dataparallel=False,
+                                 custom_feat_extractor=InceptionV3W(str(tmp_path), download=False,
+                                                                    resize_inside=mode == "legacy_tensorflow"))
+        assert abs(r["fid"] - theirs) <= 1e-4 * theirs, (mode, r["fid"], theirs)
+        assert r["mode"] == mode and r["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+        assert r["sfid"] is not None and r["sfid"] > 0
+        fids[mode] = r["fid"]
+    assert fids["clean"] != fids["legacy_tensorflow"]  # the two pipelines resize differently
+
+    net = torch.jit.load(str(weights))
+    with torch.no_grad():
+        probs = net(torch.from_numpy(fake).permute(0, 3, 1, 2).float(), no_output_bias=True).double().numpy()
+    scores = []
+    for part in np.array_split(probs, 10):
+        p_y = part.mean(0)
+        scores.append(np.exp(np.mean([np.sum(p * (np.log(p) - np.log(p_y))) for p in part])))
+    r = json.loads((tmp_path / "legacy_tensorflow.json").read_text())
+    assert r["is_splits"] == 10
+    assert abs(r["is"] - np.mean(scores)) < 1e-5 and abs(r["is_std"] - np.std(scores)) < 1e-5
+    assert abs(r["is"] - 1.0) > 1e-3  # a second softmax would flatten the probabilities to IS ~ 1
 
 
-def test_missing_inception_fails_fast_with_advice(tmp_path):
+def test_reference_batch_saved_from_a_folder_scores_like_the_folder(tmp_path):
+    """--save-ref writes ADM's layout (mu, sigma, mu_s, sigma_s, arr_0); evaluating against it gives
+    the figures that evaluating against the folder itself gives."""
+    torch.manual_seed(0)
+    weights = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(StandInInception()).save(str(weights))
+    real_dir, real = image_folder(tmp_path / "real", 50, 10.0, 2)
+    fake_dir, _ = image_folder(tmp_path / "fake", 40, 30.0, 3)
+    inc = ["--features", "inception", "--inception", weights]
+    evaluate(real_dir, "--save-ref", tmp_path / "ref.npz", *inc)
+    ref = np.load(tmp_path / "ref.npz")
+    assert {"mu", "sigma", "mu_s", "sigma_s", "arr_0", "meta"} <= set(ref.files)
+    assert np.array_equal(ref["arr_0"], real) and ref["mu"].shape == (2048,)
+    a, b = tmp_path / "folder.json", tmp_path / "batch.json"
+    evaluate(fake_dir, "--ref", real_dir, *inc, "--out", a)
+    evaluate(fake_dir, "--ref", tmp_path / "ref.npz", *inc, "--out", b)
+    a, b = json.loads(a.read_text()), json.loads(b.read_text())
+    for key in ("fid", "sfid"):
+        assert abs(a[key] - b[key]) <= 1e-9 * abs(a[key]), key
+    assert (a["precision"], a["recall"]) == (b["precision"], b["recall"])
+    # made with one pipeline, refused for another
+    proc = evaluate(fake_dir, "--ref", tmp_path / "ref.npz", *inc, "--mode", "clean", check=False)
+    assert proc.returncode == 1 and "would not be comparable" in proc.stderr
+
+
+def test_missing_inception_is_fetched_with_clean_fid_or_fails_fast_with_advice(tmp_path):
+    """A missing file named with --inception is an error; a folder without the weights makes
+    clean-fid's downloader fetch them, and offline that fails at once with one line naming the URL,
+    the place and --inception, leaving no partial file."""
+    import subprocess
+
     path = digits_npz(tmp_path / "s.npz", n=10, rgb=True)
     proc = evaluate(path, "--features", "inception", "--inception", tmp_path / "none.pt", check=False)
-    assert proc.returncode != 0
-    assert "nothing is downloaded here" in proc.stderr and "--features digits" in proc.stderr
+    assert proc.returncode == 2 and "no such file or folder" in proc.stderr
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    proc = subprocess.run([sys.executable, "-c", OFFLINE, str(path), "--features", "inception", "--inception",
+                           str(cache)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "could not be downloaded" in proc.stderr and "nvlabs-fi-cdn" in proc.stderr
+    assert str(cache / "inception-2015-12-05.pt") in proc.stderr and "--inception PATH" in proc.stderr
+    assert list(cache.iterdir()) == []
 
 
 def test_bad_inputs_are_refused_clearly(tmp_path):
