@@ -25,7 +25,7 @@ Metrics: FID = Frechet distance of pool features; IS = exp E[KL(p(y|x) || p(y))]
 network's class probabilities (Inception: the file's softmax without the output bias, as
 StyleGAN2-ADA computes it), mean and std over --is-splits splits (10, as ADM and torch-fidelity);
 precision/recall = Kynkaanniemi et al. 2019 with k-NN manifolds (k = --k), computed --block rows at
-a time (memory: block x N x 4 bytes, 205 MB for 1,024 x 50,000); sFID = Frechet distance of spatial
+a time (memory: a few block x N x 4-byte distance blocks, 51 MB each for 256 x 50,000); sFID = Frechet distance of spatial
 features (Inception: the first 7 channels of mixed_6/conv, 7 x 17 x 17, as ADM's evaluator).
 Images are read a batch at a time (an .npz member is streamed, a folder is read file by file), so
 memory grows with N only by the features.
@@ -65,7 +65,7 @@ parser.add_argument("--inception", type=Path, default=INCEPTION_CACHE,
 parser.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER, help="in-domain feature network")
 parser.add_argument("--k", type=positive_int, default=3, help="neighbours for the precision/recall manifolds")
 parser.add_argument("--is-splits", type=positive_int, default=10, help="splits for the Inception Score's mean and std")
-parser.add_argument("--block", type=positive_int, default=1024, help="distance-matrix rows held at once (precision/recall)")
+parser.add_argument("--block", type=positive_int, default=256, help="distance-matrix rows held at once (precision/recall)")
 parser.add_argument("--batch-size", type=positive_int, default=256)
 parser.add_argument("--save-ref", type=Path, default=None,
                     help="write a reference batch (ADM's layout) from the images instead of evaluating them")
@@ -259,7 +259,9 @@ if features == "inception":
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     legacy = args.mode == "legacy_tensorflow"
     inception = InceptionV3W(str(weights.parent), download=False, resize_inside=legacy).to(device).eval()
-    spatial_ok = [None]  # whether our 299x299 input reproduces the network's own (checked on the first batch)
+    # sFID reads mixed_6/conv, where the file has it and our 299x299 input reproduces the network's own
+    # (checked on the first batch)
+    spatial_ok = [None if any(n == "mixed_6" for n, _ in inception.layers.named_children()) else False]
 
     def extractor(x):
         """[B, 3, H, W] in 0..255 (299x299 in clean mode) -> pool features, class probabilities, spatial."""
@@ -418,8 +420,8 @@ if min(len(samples), results["n_reference"] or 10**9) < max(n_feat, 1000):
                   + "; it is not comparable with figures from other sample counts")
 if results.get("sfid") is None and label == "Inception":
     results["sfid_note"] = ("the reference has no spatial statistics (mu_s, sigma_s)" if spatial_ok[0] else
-                            "our 299x299 input did not reproduce the network's own pool features, so mixed_6/conv "
-                            "was not read")
+                            "this Inception file has no layer mixed_6, or our 299x299 input did not reproduce the "
+                            "network's own pool features: mixed_6/conv was not read")
 results["k"] = args.k
 
 prefix = "" if label == "Inception" else "in-domain "

@@ -48,7 +48,8 @@ parser.add_argument("--num-images", type=positive_int, default=64)
 parser.add_argument("--batch-size", type=positive_int, default=64)
 parser.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (default: 20, or the quantized model's)")
 parser.add_argument("--eta", type=nonneg_float, default=None, help="default: 0, or the quantized model's")
-parser.add_argument("--guidance", type=finite_float, default=2.0, help="classifier-free guidance scale (1 = none)")
+parser.add_argument("--guidance", type=finite_float, default=None,
+                    help="classifier-free guidance scale, 1 = none (default: 2.0, or the one a quantized model was calibrated with)")
 parser.add_argument("--classes", type=int_list, default=None, help="comma-separated class ids to cycle through")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -93,10 +94,11 @@ try:
 except (FileNotFoundError, ValueError) as e:
     parser.error(str(e))
 model.to(device)
-steps, eta = args.steps or 20, args.eta or 0.0
+steps, eta, guidance = args.steps or 20, args.eta or 0.0, 2.0 if args.guidance is None else args.guidance
 if model.quant_settings is not None:  # activation parameters exist per step of one DDIM schedule
     settings = model.quant_settings
     steps, eta = args.steps or settings["steps"], settings["eta"] if args.eta is None else args.eta
+    guidance = settings.get("guidance", 2.0) if args.guidance is None else args.guidance
     if steps != settings["steps"]:
         parser.error(f"this {kind} model was calibrated for {settings['steps']} DDIM steps, not {steps}")
 ddim = DDIM(model.alphas_cumprod, steps=steps, eta=eta)
@@ -110,7 +112,7 @@ else:
 
 # ---- the run's settings: a resumed run must have the same (the shards it keeps were made with them)
 fingerprint = dict(ckpt_sha256=sha256_file(args.ckpt), config=args.config, num_images=args.num_images, steps=steps,
-                   eta=eta, guidance=args.guidance, classes=args.classes, seed=args.seed, shard_size=args.shard_size)
+                   eta=eta, guidance=guidance, classes=args.classes, seed=args.seed, shard_size=args.shard_size)
 shards = [range(start, min(start + args.shard_size, args.num_images))
           for start in range(0, args.num_images, args.shard_size)]
 shard_path = lambda s: shard_dir / f"shard_{s:06d}.npz"
@@ -122,8 +124,6 @@ if world > 1:
 if rank == 0:
     for p in earlier if args.force else []:  # --force: the earlier run's files go
         p.unlink()
-    if not args.resume:
-        save_atomic(dict(fingerprint=fingerprint), state_path)
     if args.resume:
         print(f"resuming: {len(shards) - len(todo)} of {len(shards)} shards are done")
 to_pil = lambda a: Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
@@ -138,7 +138,7 @@ def sample_images(ids):
         gens = sample_generators(args.seed, batch)
         x_T = randn_per_sample(gens, model.latent_shape).to(device)
         context, uncond = model.context(torch.from_numpy(labels[batch]).to(device)) if model.num_classes else (None, None)
-        z = ddim_sample(model.unet, ddim, x_T, context, uncond, args.guidance, gens)
+        z = ddim_sample(model.unet, ddim, x_T, context, uncond, guidance, gens)
         check_finite(f"the model's output (images {batch[0]}..{batch[-1]})", z)
         out.append(to_uint8(model.decode(z)).cpu().numpy())
         bar.update(len(batch))
@@ -160,6 +160,8 @@ for s in todo:
                 if part is not None:
                     mine[r::world] = part
     if rank == 0:
+        if not state_path.is_file():  # with the first finished shard: a run that made nothing leaves nothing
+            save_atomic(dict(fingerprint=fingerprint), state_path)
         if not args.no_png:
             (args.out / "images").mkdir(exist_ok=True)
             for i, im in zip(ids, mine):
@@ -188,7 +190,7 @@ for i, im in enumerate(head):
 zoom = max(1, 256 // max(rows * h, cols * w))  # tiny images are enlarged (nearest) for viewing
 to_pil(grid).resize((cols * w * zoom, rows * h * zoom), Image.NEAREST).save(args.out / "grid.png")
 (args.out / "samples.json").write_text(json.dumps({**vars(args), "ckpt": str(args.ckpt), "out": str(args.out),
-                                                    "model": kind, "steps": steps, "eta": eta, "world_size": world,
+                                                    "model": kind, "steps": steps, "eta": eta, "guidance": guidance, "world_size": world,
                                                     "n_images": args.num_images, "seconds_sampling": seconds_sampling},
                                                    indent=1))
 for p in shard_dir.iterdir():  # the shards, the run's settings, and any shard a kill left half-written

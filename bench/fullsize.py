@@ -136,9 +136,15 @@ class StandInInception(nn.Module):
         self.layers = StandInLayers()
         self.output = nn.Linear(2048, 1008)
 
-    def forward(self, img, return_features: bool = False):
-        f = self.layers((img - 128) / 128).view(-1, 2048)
-        return f if return_features else torch.softmax(self.output(f), dim=1)
+    def forward(self, img, return_features: bool = False, no_output_bias: bool = False):
+        x = img.to(torch.float32)
+        if x.shape[2] != 299 or x.shape[3] != 299:  # the real file resizes inside, as the TF graph
+            x = nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        f = self.layers((x - 128) / 128).view(-1, 2048)
+        logits = self.output(f)
+        if no_output_bias:
+            logits = logits - self.output.bias
+        return f if return_features else torch.softmax(logits, dim=1)
 
 
 # ---- the stages, each a script in its own process
