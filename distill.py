@@ -24,7 +24,9 @@ code uses summed MSE + 100 x summed KL; with these means that is lambda = 100 * 
 
 LDM-4 ImageNet settings of the official code: --lora-rank 32 --steps 20 --eta 0 --guidance 3.0
 --iters 200 --batch-size 4 (800 trajectories of 4 random classes = 16,000 updates), AdamW with linear
-decay, --lr-lora auto (mean weight step size / 2500), --lr-wq 1e-6, --lr-act 5e-4.
+decay, --lr-lora auto (per layer: that layer's mean weight step size / 2500), --lr-wq 1e-6, --lr-act 5e-4.
+As in the official code, only the low-bit layers train: the W8A8 layers (time embedding, first and
+last conv) get no LoRA and keep their quantizers.
 """
 import argparse
 import math
@@ -52,7 +54,9 @@ parser.add_argument("--window", type=positive_int, default=2, help="steps per sm
 parser.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature of the relation maps")
 parser.add_argument("--feature-block", type=int, default=-1, help="index into output_blocks (default: the last)")
 parser.add_argument("--lora-rank", type=positive_int, default=8)
-parser.add_argument("--lr-lora", type=auto_or(positive_float), default="auto", help="auto: mean weight quantizer step size / 2500")
+parser.add_argument("--lr-lora", type=auto_or(positive_float), default="auto",
+                    help="LoRA learning rate; auto: per layer, its own mean weight quantizer step size / 2500")
+parser.add_argument("--lr-mult", type=positive_float, default=1.0, help="multiplies every LoRA learning rate")
 parser.add_argument("--lr-wq", type=nonneg_float, default=1e-6, help="weight quantizer scales")
 parser.add_argument("--lr-act", type=nonneg_float, default=5e-4, help="per-step activation scales and zero-points")
 parser.add_argument("--iters", type=positive_int, default=40, help="iterations (each: --batch-size trajectories)")
@@ -83,9 +87,9 @@ torch.manual_seed(args.seed)
 t_start = time.time()
 
 # every setting that shapes the run: a resumed run must have been started with the same ones
-STATE_FORMAT = 2  # 1: trainable tensors named 'unet.*' (before the quantized model lost its wrapper)
+STATE_FORMAT = 3  # 1: trainable tensors named 'unet.*'; 2: W8A8 layers trained, one LoRA learning rate
 fingerprint = dict(state_format=STATE_FORMAT, qckpt_sha256=sha256_file(args.qckpt), **{k: getattr(args, k) for k in (
-    "trd", "lam", "window", "temperature", "feature_block", "lora_rank", "lr_lora", "lr_wq", "lr_act", "iters",
+    "trd", "lam", "window", "temperature", "feature_block", "lora_rank", "lr_lora", "lr_mult", "lr_wq", "lr_act", "iters",
     "batch_size", "guidance", "seed")})
 if args.resume:
     state = load_resume_state(parser, state_path, fingerprint, {"qckpt_sha256": "the --qckpt file (it changed since)",
@@ -106,7 +110,7 @@ fp_model.to(device).requires_grad_(False)
 qmodel.to(device).requires_grad_(False)
 ddim = DDIM(fp_model.alphas_cumprod, steps=settings["steps"], eta=settings["eta"])
 layers = quant_layers(qmodel.unet)
-trained = {n: m for n, m in layers.items() if m.mode != "fp"}
+trained = {n: m for n, m in layers.items() if m.mode == "quant"}  # W8A8 and FP layers stay as they are
 lora_gen = torch.Generator().manual_seed(args.seed)
 for m in trained.values():
     m.add_lora(args.lora_rank, lora_gen)
@@ -115,10 +119,11 @@ held_out_seed = args.seed + HELD_OUT_SEED_OFFSET
 mse_before = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size, held_out_seed, guidance, device)
 
 # ---- optimiser: LoRA, weight-quantizer scales (tiny lr), per-step activation parameters
-lr_lora = (torch.cat([m.w_scale.detach().abs() for m in trained.values()]).mean().item() / 2500
-           if args.lr_lora == "auto" else float(args.lr_lora))
-groups = [
-    dict(params=[p for m in trained.values() for p in (m.lora_A, m.lora_B)], lr=lr_lora),
+# LoRA rates per layer from that layer's own quantizer, so that a layer trains at the same rate
+# whatever the other layers' smoothing or bits, and whichever method quantized them
+lr_lora = {n: args.lr_mult * (m.lora_step_size() / 2500 if args.lr_lora == "auto" else float(args.lr_lora))
+           for n, m in trained.items()}
+groups = [dict(params=[m.lora_A, m.lora_B], lr=lr_lora[n]) for n, m in trained.items()] + [
     dict(params=[m.w_scale for m in trained.values()], lr=args.lr_wq),
     dict(params=[p for m in trained.values() for p in (m.a_scale, m.a_zero)], lr=args.lr_act),
 ]
@@ -203,14 +208,15 @@ print(f"eps MSE vs FP on {args.eval_samples} held-out trajectories: before {mse_
       f"({'MSE+TRD' if args.trd == 'on' else 'MSE only'}, {args.iters * args.batch_size} trajectories, "
       f"{total_updates} updates)")
 distill_settings = dict(trd=args.trd, lam=lam, window=args.window, temperature=args.temperature,
-                        feature_block=args.feature_block, lora_rank=args.lora_rank, lr_lora=lr_lora, lr_wq=args.lr_wq,
+                        feature_block=args.feature_block, lora_rank=args.lora_rank, lr_lora=args.lr_lora,
+                        lr_mult=args.lr_mult, lr_wq=args.lr_wq,
                         lr_act=args.lr_act, iters=args.iters, batch_size=args.batch_size, guidance=guidance, seed=args.seed)
 elapsed = time.time() - t_start
 ckpt = quant_checkpoint(qmodel.cpu(), qckpt["fp"], report=qckpt.get("report"), distill=distill_settings,
                         eps_mse_before=mse_before, eps_mse=mse_after, history=history, source=str(args.qckpt))
 save_with_report(ckpt, out_path, dict(distill=distill_settings, eps_mse_before=mse_before, eps_mse_after=mse_after,
                                       seconds=elapsed, seconds_train=seconds_train, updates_run=updates_run,
-                                      history=history))
+                                      lr_lora_per_layer=lr_lora, history=history))
 if args.pack:
     write_packed(qmodel, out_path.with_suffix(".packed.pt"), distill=distill_settings)
 state_path.unlink(missing_ok=True)

@@ -168,6 +168,13 @@ class QuantLayer(nn.Module):
             t.copy_(t.half().float())
         self.w_q = None
 
+    def lora_step_size(self):
+        """Mean quantization step of the weight the LoRA is added to (W, before smoothing): channel
+        i's step on W * s is w_scale_i, so on W[i, j] it is w_scale_i / s_j, whose mean over (i, j)
+        is mean(w_scale) * mean(1 / s). The official code sets each layer's LoRA learning rate from
+        its own step size (/ 2500)."""
+        return (self.w_scale.detach().abs().mean() * (1.0 / self.smooth).mean()).item()
+
     def add_lora(self, rank, generator=None):
         w = self.layer.weight
         fan_in = w[0].numel()

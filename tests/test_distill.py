@@ -1,4 +1,5 @@
 """distill.py and models/trd.py: the relation loss trains, resume is exact, merging is exact."""
+import json
 import signal
 import subprocess
 import sys
@@ -148,3 +149,33 @@ def test_relation_loss_in_row_blocks_equals_the_whole_map():
     (g_blocks,) = torch.autograd.grad(blocks, f_q)
     assert torch.allclose(blocks, whole, rtol=1e-6) and blocks > 0
     assert torch.allclose(g_blocks, g_whole, rtol=1e-4, atol=1e-9) and g_whole.abs().max() > 0
+
+
+def test_lora_learning_rate_is_each_layers_own_and_w8a8_layers_stay_frozen(quant_ckpts, tmp_path):
+    """Per layer, the LoRA rate comes from that layer's own quantizer: a layer quantized the same way
+    by OMQ (which smooths or splits other layers) and by uniform bits trains at the same rate, while
+    one global rate would differ between the two runs. The W8A8 layers get no LoRA and come out as
+    they went in."""
+    rates, layers = {}, {}
+    for key in ("omq", "uniform"):
+        out = tmp_path / f"{key}.pt"
+        run_script("distill.py", "--qckpt", quant_ckpts[key], "--out", out, *QUICK_DISTILL, "--iters", 1, "--trd", "off")
+        rates[key] = json.loads(out.with_suffix(".json").read_text())["lr_lora_per_layer"]
+        layers[key] = quant_layers(load_quant_model(quant_ckpts[key])[1].unet)
+        distilled = quant_layers(load_quant_model(out)[1].unet)
+        for name, q in layers[key].items():
+            if q.mode == "w8a8":
+                assert name not in rates[key] and torch.equal(distilled[name].layer.weight, q.layer.weight), name
+    same = [n for n, q in layers["omq"].items() if q.mode == "quant" and all(
+        torch.equal(getattr(q, k), getattr(layers["uniform"][n], k)) for k in ("bits", "w_scale", "smooth"))]
+    smoothed = [n for n, q in layers["omq"].items() if q.mode == "quant" and not (q.smooth == 1).all()]
+    assert same and smoothed  # layers quantized alike, beside others that OMQ smoothed
+    for n in same:
+        assert rates["omq"][n] == rates["uniform"][n], n
+    for n in smoothed:  # the rate is the step size of W (before smoothing): w_scale / s
+        q = layers["omq"][n]
+        assert abs(rates["omq"][n] - (q.w_scale.abs()[:, None] / q.smooth[None]).mean().item() / 2500) <= 1e-6 * rates["omq"][n]
+    # the rule this replaced: one rate for every layer, the mean step size over all of them
+    global_rate = {k: torch.cat([q.w_scale.abs() for q in layers[k].values() if q.mode != "fp"]).mean().item() / 2500
+                   for k in layers}
+    assert global_rate["omq"] != global_rate["uniform"]
