@@ -154,12 +154,13 @@ def test_relation_loss_in_row_blocks_equals_the_whole_map():
 def test_lora_learning_rate_is_each_layers_own_and_w8a8_layers_stay_frozen(quant_ckpts, tmp_path):
     """Per layer, the LoRA rate comes from that layer's own quantizer: a layer quantized the same way
     by OMQ (which smooths or splits other layers) and by uniform bits trains at the same rate, while
-    one global rate would differ between the two runs. The W8A8 layers get no LoRA and come out as
-    they went in."""
+    one global rate would differ between the two runs. With --freeze-w8a8 the W8A8 layers get no
+    LoRA and come out as they went in."""
     rates, layers = {}, {}
     for key in ("omq", "uniform"):
         out = tmp_path / f"{key}.pt"
-        run_script("distill.py", "--qckpt", quant_ckpts[key], "--out", out, *QUICK_DISTILL, "--iters", 1, "--trd", "off")
+        run_script("distill.py", "--qckpt", quant_ckpts[key], "--out", out, *QUICK_DISTILL, "--iters", 1, "--trd", "off",
+                   "--freeze-w8a8")
         rates[key] = json.loads(out.with_suffix(".json").read_text())["lr_lora_per_layer"]
         layers[key] = quant_layers(load_quant_model(quant_ckpts[key])[1].unet)
         distilled = quant_layers(load_quant_model(out)[1].unet)
@@ -175,6 +176,13 @@ def test_lora_learning_rate_is_each_layers_own_and_w8a8_layers_stay_frozen(quant
     for n in smoothed:  # the rate is the step size of W (before smoothing): w_scale / s
         q = layers["omq"][n]
         assert abs(rates["omq"][n] - (q.w_scale.abs()[:, None] / q.smooth[None]).mean().item() / 2500) <= 1e-6 * rates["omq"][n]
+    # by default the W8A8 layers train as well, each at its own rate too
+    out = tmp_path / "default.pt"
+    run_script("distill.py", "--qckpt", quant_ckpts["omq"], "--out", out, *QUICK_DISTILL, "--iters", 1, "--trd", "off")
+    default = json.loads(out.with_suffix(".json").read_text())["lr_lora_per_layer"]
+    w8a8 = {n for n, q in layers["omq"].items() if q.mode == "w8a8"}
+    assert w8a8 and set(default) == set(rates["omq"]) | w8a8
+    assert all(default[n] == rates["omq"][n] for n in rates["omq"])
     # the rule this replaced: one rate for every layer, the mean step size over all of them
     global_rate = {k: torch.cat([q.w_scale.abs() for q in layers[k].values() if q.mode != "fp"]).mean().item() / 2500
                    for k in layers}
