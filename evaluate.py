@@ -111,10 +111,10 @@ class Images:
                 raise SystemExit(f"error: {what} images have mixed sizes {sorted(shapes)[:4]}; resize them to one size first")
             shape = (len(self.files), *shapes.pop())
         elif path.suffix == ".npz" and path.is_file():
-            members = read_members(path, what)
+            members = from_npz(what, path, lambda: npz_members(path))
             if "arr_0" not in members:
                 raise SystemExit(f"error: {path} has no 'arr_0' images (keys: {members})")
-            self.array = open_member(path, "arr_0", what)
+            self.array = from_npz(what, path, lambda: NpzArray(path, "arr_0"))
             shape = self.array.shape
         elif not path.exists():
             raise SystemExit(f"error: {what} {path} does not exist")
@@ -157,28 +157,16 @@ class Images:
         elif isinstance(self.array, np.ndarray):
             for i in range(0, stop, batch_size):
                 yield self.array[i:min(i + batch_size, stop)].reshape(-1, *self.shape[1:])
-        else:
-            for b in self.array.batches(batch_size, stop=stop):
+        else:  # streamed from the archive: a file truncated further on is an error line there
+            batches = self.array.batches(batch_size, stop=stop)
+            while (b := from_npz(self.what, self.array.path, lambda: next(batches, None))) is not None:
                 yield b.reshape(-1, *self.shape[1:])
 
 
-def read_members(path, what):
+def from_npz(what, path, read):
+    """read(): a look-up in an .npz; a truncated or foreign file becomes one error line."""
     try:
-        return npz_members(path)
-    except (OSError, zipfile.BadZipFile) as e:
-        raise SystemExit(f"error: {what} {path} is not a readable .npz of arrays ({e})")
-
-
-def open_member(path, name, what):
-    try:
-        return NpzArray(path, name)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise SystemExit(f"error: {what} {path} is not a readable .npz of arrays ({e})")
-
-
-def read_array(path, name, what):
-    try:
-        return open_member(path, name, what).read()
+        return read()
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise SystemExit(f"error: {what} {path} is not a readable .npz of arrays ({e})")
 
@@ -189,11 +177,13 @@ if args.save_ref is not None:
     pass
 elif args.ref == "digits":
     ref, ref_name = Images(load_digits()[0].permute(0, 2, 3, 1).numpy(), "reference"), "digits (1797 real images)"
-elif args.ref.endswith(".npz") and Path(args.ref).is_file() and "mu" in (members := read_members(args.ref, "reference")):
+elif args.ref.endswith(".npz") and Path(args.ref).is_file() and "mu" in (members := from_npz("reference", args.ref, lambda: npz_members(args.ref))):
     if "sigma" not in members:
         raise SystemExit(f"error: reference {args.ref} has 'mu' but no 'sigma'")
-    ref_stats = {k: read_array(args.ref, k, "reference") for k in ("mu", "sigma", "mu_s", "sigma_s") if k in members}
-    ref_meta = json.loads(str(read_array(args.ref, "meta", "reference"))) if "meta" in members else None
+    ref_stats = {k: from_npz("reference", args.ref, lambda k=k: NpzArray(args.ref, k).read())
+                 for k in ("mu", "sigma", "mu_s", "sigma_s") if k in members}
+    ref_meta = (json.loads(str(from_npz("reference", args.ref, lambda: NpzArray(args.ref, "meta").read())))
+                if "meta" in members else None)
     ref = Images(args.ref, "reference") if "arr_0" in members else None
     ref_name = args.ref
 else:
