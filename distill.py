@@ -10,17 +10,22 @@ Each iteration runs --batch-size full-precision DDIM trajectories (random classe
 makes one update per sampling step: the quantized model predicts eps for the same (x_t, t, context)
 as the FP model, with that step's activation parameters; the trajectory follows the FP prediction.
 
-Loss per update: MSE(eps_q, eps_fp) + lambda * KL(relation_fp || relation_q). Relation maps come
-from the output features of --feature-block (default: the last output block, before the final
-norm and conv), smoothed over non-overlapping windows of --window steps: the mean of the window's
-features so far, where the earlier steps' quantized features enter detached (their update is
-done) and the current step's stay in the graph, so the relation term has a gradient every step.
+Loss per update: MSE(eps_q, eps_fp), on the guided eps as in the official code (--mse-target
+halves: on the UNet's unconditional and conditional outputs instead), plus, at the last step of
+each window of --window steps, lambda * KL(relation_fp || relation_q) of the window's mean
+features (the official schedule; --trd-every step adds it at every step, on the window so far).
+Relation maps come from the output features of --feature-block (default: the last output block,
+before the final norm and conv). In the window mean the earlier steps' quantized features enter
+detached (their update is done) and the current step's stay in the graph, so the relation term
+sends a gradient into the quantized model (the official code detaches them all).
 
 Reductions: MSE is the mean over elements; the KL is summed over each relation row's distribution
 and averaged over rows and samples, so neither scale depends on batch or image size. The official
-code uses summed MSE + 100 x summed KL; with these means that is lambda = 100 * (feature H*W) /
-(eps C*H*W), which is what --lam auto computes (100 for the 1-channel digits, 33.3 for LDM-4's
-3-channel latents with the default feature block).
+code uses summed MSE + 100 x summed KL, the KL over both guidance halves' features and the MSE over
+the one guided eps; with these means that is lambda = 100 * 2 * (feature H*W) / (eps C*H*W), which
+is what --lam auto computes (200 for the 1-channel digits, 66.7 for LDM-4's 3-channel latents with
+the default feature block; without the factor 2 where the MSE covers both halves or there is no
+guidance).
 
 LDM-4 ImageNet settings of the official code: --lora-rank 32 --steps 20 --eta 0 --guidance 3.0
 --iters 200 --batch-size 4 (800 trajectories of 4 random classes = 16,000 updates), AdamW with linear
@@ -41,7 +46,7 @@ from tqdm import tqdm
 from models.cli import (auto_or, check_device, check_finite, check_output, exit_on_interrupt, finite_float,
                         load_resume_state, nonneg_float, positive_float, positive_int)
 from models.checkpoint import load_quant_model, quant_checkpoint, save_atomic, save_with_report, sha256_file, write_packed
-from models.diffusion import DDIM
+from models.diffusion import DDIM, combine_guidance, is_guided
 from models.quant import quant_layers, refresh_weights, set_step
 from models.trajectory import HELD_OUT_SEED_OFFSET, eps_mse, fp_trajectory
 from models.trd import WindowSmoother, relation_kl
@@ -52,6 +57,10 @@ parser.add_argument("--trd", choices=["on", "off"], default="on", help="off: MSE
 parser.add_argument("--lam", type=auto_or(nonneg_float), default="auto",
                     help="weight of the relation loss (auto: the official weighting)")
 parser.add_argument("--window", type=positive_int, default=2, help="steps per smoothing window")
+parser.add_argument("--trd-every", choices=["window", "step"], default="window",
+                    help="window: the relation loss once per window, at its last step (official); step: at every step")
+parser.add_argument("--mse-target", choices=["guided", "halves"], default="guided",
+                    help="guided: MSE of the guided eps (official); halves: of both guidance halves' UNet outputs")
 parser.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature of the relation maps")
 parser.add_argument("--feature-block", type=int, default=-1, help="index into output_blocks (default: the last)")
 parser.add_argument("--lora-rank", type=positive_int, default=8)
@@ -90,9 +99,9 @@ torch.manual_seed(args.seed)
 t_start = time.time()
 
 # every setting that shapes the run: a resumed run must have been started with the same ones
-STATE_FORMAT = 3  # 1: trainable tensors named 'unet.*'; 2: one LoRA learning rate for all layers
+STATE_FORMAT = 4  # 1: trainable tensors named 'unet.*'; 2: one LoRA rate for all layers; 3: relation loss every step
 fingerprint = dict(state_format=STATE_FORMAT, qckpt_sha256=sha256_file(args.qckpt), **{k: getattr(args, k) for k in (
-    "trd", "lam", "window", "temperature", "feature_block", "lora_rank", "lr_lora", "lr_mult", "freeze_w8a8", "lr_wq", "lr_act", "iters",
+    "trd", "lam", "window", "trd_every", "mse_target", "temperature", "feature_block", "lora_rank", "lr_lora", "lr_mult", "freeze_w8a8", "lr_wq", "lr_act", "iters",
     "batch_size", "guidance", "seed")})
 if args.resume:
     state = load_resume_state(parser, state_path, fingerprint, {"qckpt_sha256": "the --qckpt file (it changed since)",
@@ -154,14 +163,19 @@ def feature_hook(store):
 fp_feat, q_feat = {}, {}
 fp_model.unet.output_blocks[args.feature_block].register_forward_hook(feature_hook(fp_feat))
 qmodel.unet.output_blocks[args.feature_block].register_forward_hook(feature_hook(q_feat))
+with torch.no_grad():  # one dry call: is the trajectory guided, and the feature block's output size
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    context, uncond = fp_model.context(y)
+    fp_model.unet(torch.zeros(1, *fp_model.latent_shape, device=device), y, context)
+guided = is_guided(context, uncond, guidance)
+mse_guided = guided and args.mse_target == "guided"
 lam = None  # the relation loss's weight; None: no relation loss (--trd off)
 if args.trd == "on" and args.lam != "auto":
     lam = float(args.lam)
-elif args.trd == "on":  # the official summed weighting for our mean reductions: 100 * feature H*W / eps C*H*W
-    with torch.no_grad():  # one dry call, for the feature block's output size
-        y = torch.zeros(1, dtype=torch.long, device=device)
-        fp_model.unet(torch.zeros(1, *fp_model.latent_shape, device=device), y, fp_model.context(y)[0])
-    lam = 100.0 * fp_feat["f"].shape[2] * fp_feat["f"].shape[3] / math.prod(fp_model.latent_shape)
+elif args.trd == "on":  # the official summed weighting for our mean reductions (see the top)
+    lam = (200.0 if mse_guided else 100.0) * fp_feat["f"].shape[2] * fp_feat["f"].shape[3] / math.prod(fp_model.latent_shape)
+relation_steps = [i for i in range(ddim.steps) if lam is not None and (
+    args.trd_every == "step" or (i + 1) % args.window == 0 or i == ddim.steps - 1)]  # a last, shorter window too
 
 # ---- train
 fp_model.unet.eval()
@@ -172,15 +186,19 @@ for it in range(start_iter, args.iters):
     # trajectories of this iteration are fixed by (seed, index): a resumed run redraws the same ones
     ids = range(it * args.batch_size, (it + 1) * args.batch_size)
     smooth_fp, smooth_q = WindowSmoother(args.window), WindowSmoother(args.window)
+    loss_trd = torch.zeros(())
     for i, inputs, out_fp in fp_trajectory(fp_model, ddim, ids, args.seed, guidance, device):  # fp_feat: its features
         refresh_weights(qmodel.unet)  # fake-quantize the weights once for this update
         set_step(qmodel.unet, i)
         out_q = qmodel.unet(*inputs)
-        loss_mse = F.mse_loss(out_q, out_fp)
+        if mse_guided:
+            loss_mse = F.mse_loss(combine_guidance(out_q, guidance), combine_guidance(out_fp, guidance))
+        else:
+            loss_mse = F.mse_loss(out_q, out_fp)
         loss = loss_mse
-        loss_trd = torch.zeros(())
-        if lam is not None:
-            loss_trd = relation_kl(smooth_fp(i, fp_feat["f"]), smooth_q(i, q_feat["f"]), args.temperature)
+        feats = smooth_fp(i, fp_feat["f"]), smooth_q(i, q_feat["f"])  # every step enters its window
+        if i in relation_steps:
+            loss_trd = relation_kl(*feats, args.temperature)
             loss = loss + lam * loss_trd
         if not torch.isfinite(loss):
             raise SystemExit(f"error: the loss is {loss.item()} at iteration {it + 1}, step {i + 1}; stopped, nothing "
@@ -210,7 +228,8 @@ mse_after = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size, 
 print(f"eps MSE vs FP on {args.eval_samples} held-out trajectories: before {mse_before:.5f}, after {mse_after:.5f} "
       f"({'MSE+TRD' if args.trd == 'on' else 'MSE only'}, {args.iters * args.batch_size} trajectories, "
       f"{total_updates} updates)")
-distill_settings = dict(trd=args.trd, lam=lam, window=args.window, temperature=args.temperature,
+distill_settings = dict(trd=args.trd, lam=lam, window=args.window, trd_every=args.trd_every, mse_target=args.mse_target,
+                        relation_steps=relation_steps, temperature=args.temperature,
                         feature_block=args.feature_block, lora_rank=args.lora_rank, lr_lora=args.lr_lora,
                         lr_mult=args.lr_mult, freeze_w8a8=args.freeze_w8a8, lr_wq=args.lr_wq,
                         lr_act=args.lr_act, iters=args.iters, batch_size=args.batch_size, guidance=guidance, seed=args.seed)

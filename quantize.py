@@ -34,10 +34,12 @@ parser.add_argument("--ckpt", type=Path, default=DEFAULT_CHECKPOINT, help="full-
 parser.add_argument("--config", default=None, help="official LDM checkpoints: name or YAML (guessed if omitted)")
 parser.add_argument("--wbits", type=int, default=2, help="target weight bits n, 2..8 (OMQ uses n-1, n, n+1)")
 parser.add_argument("--abits", type=int, default=4, help="activation bits, 2..8")
-parser.add_argument("--method", default="omq", help="omq (mixed precision by kurtosis) or uniform (baseline)")
+parser.add_argument("--method", default="omq",
+                    help="omq (mixed precision by kurtosis), uniform (baseline), or random (control: OMQ's numbers of "
+                         "n+1/n-1 channels per layer, on channels drawn at random)")
 parser.add_argument("--smooth", choices=["search", "on", "off"], default=None,
                     help="per-input-channel smoothing s = sqrt(max|x| / max|W|): on, off, or search (per layer, "
-                         "kept where it lowers the layer's output error). Default: search for omq, off for uniform")
+                         "kept where it lowers the layer's output error). Default: search for omq and random, off for uniform")
 parser.add_argument("--group-frac", type=positive_float, default=0.1,
                     help="OMQ split search step, fraction of channels (0 < f <= 0.5)")
 parser.add_argument("--quantize-all", action="store_true", help="also quantize skip-connection/downsample convs")
@@ -57,8 +59,8 @@ parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else
 parser.add_argument("--out", type=Path, default=None, help="default runs/quant/w<n>a<m>_<method>.pt")
 parser.add_argument("--force", action="store_true", help="replace --out (and its .json) if it exists")
 args = parser.parse_args()
-if args.method not in ("omq", "uniform"):
-    parser.error(f"unknown --method {args.method!r}: use omq or uniform")
+if args.method not in ("omq", "uniform", "random"):
+    parser.error(f"unknown --method {args.method!r}: use omq, uniform or random")
 if not 2 <= args.wbits <= 8:
     parser.error(f"--wbits must be 2..8 (OMQ gives some channels n-1 bits, so n = 1 would leave 0 bits), got {args.wbits}")
 if not 2 <= args.abits <= 8:
@@ -67,7 +69,7 @@ if args.group_frac > 0.5:
     parser.error(f"--group-frac must be in (0, 0.5] (n+1 and n-1 channels come in pairs), got {args.group_frac}")
 check_steps(parser, args.steps)
 device = check_device(parser, args.device)
-smooth = args.smooth or ("search" if args.method == "omq" else "off")
+smooth = args.smooth or ("off" if args.method == "uniform" else "search")
 smooth_alphas = {"on": (0.5,), "off": (0.0,), "search": (0.0, 0.5)}[smooth]
 out_path = check_output(parser, args.out or Path("runs/quant") / f"w{args.wbits}a{args.abits}_{args.method}.pt",
                         inputs=[args.ckpt], force=args.force)
@@ -97,10 +99,11 @@ settings = dict(wbits=args.wbits, abits=args.abits, steps=args.steps, eta=args.e
 qmodel = build_quant_model(model, settings)
 qlayers = quant_layers(qmodel.unet)
 report = {}
+random_channels = torch.Generator().manual_seed(args.seed)  # --method random: its draws, layer after layer
 bar = tqdm(total=len(qlayers), desc=f"calibrate ({args.method}, W{args.wbits}A{args.abits})")
 for name, inputs in layer_inputs(model, calib, list(qlayers), args.calib_mem_gb * 2 ** 30, device):
     t_layer = time.time()
-    report[name] = calibrate_layer(qlayers[name], inputs, args.method, smooth_alphas, args.group_frac)
+    report[name] = calibrate_layer(qlayers[name], inputs, args.method, smooth_alphas, args.group_frac, random_channels)
     report[name]["seconds"] = time.time() - t_layer
     del inputs
     bar.update()

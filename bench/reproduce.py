@@ -1,60 +1,113 @@
 """Reproduces the paper's comparison on the embedded default, end to end through the four scripts
-(quantize.py -> distill.py -> sample.py -> evaluate.py), with fixed seeds. Writes a Markdown table and
-a JSON file (FID, IS, precision, recall, samples per row, wall time of each stage) and can run any
-subset of cells; finished quantize/distill stages are reused (delete --out to start over).
+(quantize.py -> distill.py -> sample.py -> evaluate.py), over several training seeds, with a shared
+learning-rate search for every arm, controls of OMQ's parts and a training-budget curve. Writes
+Markdown tables, a JSON file holding every run's figures, the budget curve as a PNG and the sample
+grids side by side. Finished runs are kept in the JSON and skipped (delete --out to start over).
 
-Two columns measure fidelity to the FP model rather than quality against the real digits (a
-quantized model is meant to reproduce its FP model, and FID against real data can improve when it
-does not): "FID vs FP", the in-domain FID between the row's samples and the FP model's samples of
-the same seed, and "eps MSE", the held-out one-step noise-prediction error against the FP model
-that quantize.py/distill.py report.
-
-    python bench/reproduce.py                                  # every cell at W2A4, W3A4, W4A4
-    python bench/reproduce.py --bits 2 --cells fp,baseline,mpqdm   # the README's main job
+    python bench/reproduce.py --bits 2 --cells fp,baseline,mpqdm                 # the README's main job
+    python bench/reproduce.py --sweep --jobs 2                                    # the W2A4 seed sweep
 
 Cells (method = how the weights are quantized, distillation = what fine-tunes them):
-    fp        full precision
-    fp2       full precision, sample seed + 1: the seed-to-seed noise of every FID figure
+    fp        full precision (sample seed)          fp2  full precision, sample seed + 1 (FID noise)
     ptq       uniform bits, no distillation
-    baseline  uniform bits + LoRA distillation with the MSE only (EfficientDM-style)
-    omq       OMQ bits + MSE-only distillation
-    trd       uniform bits + MSE + TRD distillation
-    mpqdm     OMQ bits + MSE + TRD distillation (MPQ-DM)
+    baseline  uniform bits, MSE-only distillation (EfficientDM-style)
+    omq       OMQ bits, MSE only                     trd  uniform bits, MSE + TRD
+    mpqdm     OMQ bits, MSE + TRD (MPQ-DM)
+  controls of OMQ's parts, each with MSE + TRD so that they sit between trd and mpqdm:
+    smooth    uniform bits + OMQ's smoothing search (no split)
+    nosmooth  OMQ's kurtosis split without smoothing
+    random    OMQ's smoothing and its numbers of n+1 / n-1 channels per layer, on random channels
 
-The evaluation images use --sample-seed, which is used for nothing else: calibration and
-distillation draw their trajectories from seed 0, the eps-MSE checks from seed 10000.
+Seeds: a training seed s sets calibration (quantize.py --seed s) and distillation (distill.py --seed s,
+its LoRA init and trajectories); the eps-MSE checks use s + 10000. The evaluation images use
+--sample-seed for every run, and nothing else uses it. The learning-rate search (--lr-search) runs
+every distilled cell at each multiplier on --selection-seed, which nothing reported uses, and keeps
+per cell the multiplier with the lowest held-out eps MSE after distillation (no images are scored
+for it); the reported runs use that multiplier. Two "FID vs FP" and "eps MSE" columns measure
+fidelity to the FP model: the in-domain FID between a row's samples and the FP model's samples of
+the same seed, and the held-out one-step noise-prediction error.
+
+--jobs 2 runs two stages at a time with one thread each (on 2 cores: 1.7x the throughput of one
+2-thread job, measured; never run two 2-thread torch jobs at once). Figures then differ from a
+--jobs 1 run in the last float bits.
 """
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from PIL import Image, ImageDraw
+
 ROOT = Path(__file__).resolve().parents[1]
-CELLS = {  # cell: (quantize method, distillation: None | "off" | "on")
+QUANT = {  # quantizer variant: quantize.py flags
+    "uniform": ["--method", "uniform"], "omq": ["--method", "omq"], "uniform_smooth": ["--method", "uniform", "--smooth", "search"],
+    "omq_nosmooth": ["--method", "omq", "--smooth", "off"], "random": ["--method", "random"],
+}
+CELLS = {  # cell: (quantizer variant, distillation: None | "off" (MSE) | "on" (MSE + TRD))
     "fp": (None, None), "fp2": (None, None), "ptq": ("uniform", None), "baseline": ("uniform", "off"),
     "omq": ("omq", "off"), "trd": ("uniform", "on"), "mpqdm": ("omq", "on"),
+    "smooth": ("uniform_smooth", "on"), "nosmooth": ("omq_nosmooth", "on"), "random": ("random", "on"),
 }
-NAMES = {"fp": "FP (full precision)", "fp2": "FP, sample seed + 1", "ptq": "uniform PTQ (no distillation)", "baseline": "EfficientDM-style baseline",
-         "omq": "OMQ only", "trd": "TRD only", "mpqdm": "MPQ-DM (OMQ + TRD)"}
+NAMES = {"fp": "FP (full precision)", "fp2": "FP, sample seed + 1", "ptq": "uniform PTQ (no distillation)",
+         "baseline": "EfficientDM-style baseline", "omq": "OMQ only", "trd": "TRD only", "mpqdm": "MPQ-DM (OMQ + TRD)",
+         "smooth": "control: uniform + smoothing, TRD", "nosmooth": "control: kurtosis split, no smoothing, TRD",
+         "random": "control: random channels, TRD"}
+SWEEP = dict(bits="2", cells="fp,fp2,baseline,omq,trd,mpqdm,smooth,nosmooth,random", train_seeds="0,1,2",
+             lr_search="0.5,1,2,4", budget_iters="10,160", budget_cells="baseline,mpqdm")
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--bits", default="2,3,4", help="weight bit-widths n (activations: --abits)")
 parser.add_argument("--abits", type=int, default=4)
-parser.add_argument("--cells", default=",".join(CELLS), help=f"any of {','.join(CELLS)}")
-parser.add_argument("--num-images", type=int, default=1000, help="samples per row for the metrics")
-parser.add_argument("--sample-seed", type=int, default=1234)
-parser.add_argument("--distill-iters", type=int, default=None, help="default: distill.py's")
+parser.add_argument("--cells", default="fp,fp2,ptq,baseline,omq,trd,mpqdm", help=f"any of {','.join(CELLS)}")
+parser.add_argument("--train-seeds", default="0", help="calibration + distillation seeds, one run per cell each")
+parser.add_argument("--sample-seed", type=int, default=1234, help="evaluation images of every run")
+parser.add_argument("--num-images", type=int, default=1000, help="samples per run for the metrics")
+parser.add_argument("--distill-iters", type=int, default=40, help="distill.py --iters of the reported runs (x 20 updates)")
+parser.add_argument("--lr-mult", type=float, default=1.0, help="LoRA learning-rate multiplier when there is no search")
+parser.add_argument("--lr-search", default=None, help="multipliers searched per cell on --selection-seed, e.g. 0.5,1,2,4")
+parser.add_argument("--selection-seed", type=int, default=99, help="the search's training seed; nothing reported uses it")
+parser.add_argument("--search-iters", type=int, default=None, help="distill.py --iters of the search (default: --distill-iters)")
+parser.add_argument("--budget-iters", default="", help="extra distill.py --iters for the budget curve, e.g. 10,160")
+parser.add_argument("--budget-cells", default="baseline,mpqdm")
+parser.add_argument("--budget-seeds", type=int, default=2, help="the first this many training seeds run the budget curve")
+parser.add_argument("--sweep", action="store_true", help="the W2A4 seed sweep: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in SWEEP.items()))
+parser.add_argument("--jobs", type=int, default=1, help="stages run at once, one thread each when more than 1")
 parser.add_argument("--out", type=Path, default=ROOT / "runs" / "reproduce")
 args = parser.parse_args()
+if args.sweep:
+    for k, v in SWEEP.items():
+        setattr(args, k, v)
 cells = args.cells.split(",")
-if unknown := [c for c in cells if c not in CELLS]:
+if unknown := [c for c in cells + args.budget_cells.split(",") if c not in CELLS]:
     parser.error(f"unknown cells {unknown}: choose from {list(CELLS)}")
 bits = [int(b) for b in args.bits.split(",")]
+seeds = [int(s) for s in args.train_seeds.split(",")]
+search = [float(m) for m in args.lr_search.split(",")] if args.lr_search else []
+budget_iters = [int(i) for i in args.budget_iters.split(",") if i]
+if args.selection_seed in seeds or args.selection_seed == args.sample_seed:
+    parser.error(f"--selection-seed {args.selection_seed} must differ from the training and sample seeds")
+if args.jobs < 1:
+    parser.error("--jobs must be at least 1")
 args.out.mkdir(parents=True, exist_ok=True)
 results_path = args.out / "results.json"
+FORMAT = 2  # 1: one training seed, keys without seed/multiplier/iterations
 results = json.loads(results_path.read_text()) if results_path.exists() else {}
+if results.get("format") != FORMAT:
+    results = dict(format=FORMAT, runs={}, search={})
+env = dict(os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if args.jobs > 1 else {}))
+t_sweep = time.time()
+
+
+def save_results():
+    tmp = results_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(results_path)
 
 
 def run(tag, script, *script_args):
@@ -63,90 +116,258 @@ def run(tag, script, *script_args):
     log.parent.mkdir(exist_ok=True)
     t0 = time.time()
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, script_args)], cwd=ROOT,
+        proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, script_args)], cwd=ROOT, env=env,
                               stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
         raise SystemExit(f"{script} failed; see {log}")
     return time.time() - t0
 
 
-def fp_reference():
-    """The FP model's samples at --sample-seed, which every row's "FID vs FP" is measured against;
-    the fp cell is run first when it has not been, or was run with another seed or count."""
-    fp = results.get("fp", {})
-    if (fp.get("sample_seed"), fp.get("n_samples")) != (args.sample_seed, args.num_images):
-        cell("fp", bits[0])
-    return args.out / "samples" / "fp" / "samples.npz"
+def parallel(fn, items):
+    with ThreadPoolExecutor(args.jobs) as pool:
+        return list(pool.map(fn, items))
 
 
-def cell(name, n):
-    key = name if name.startswith("fp") else f"W{n}A{args.abits} {name}"
-    method, trd = CELLS[name]
-    times = {}
-    ckpt = None  # fp: sample.py's default model
-    eps_mse = None
-    if method:
-        ckpt = args.out / f"w{n}a{args.abits}_{method}.pt"
-        if not ckpt.exists():
-            times["quantize"] = run(ckpt.stem + "_quantize", "quantize.py", "--wbits", n, "--abits", args.abits,
-                                    "--method", method, "--out", ckpt)
-        eps_mse = json.loads(ckpt.with_suffix(".json").read_text())["eps_mse"]
-        if trd:
-            dckpt = args.out / f"w{n}a{args.abits}_{method}_{'trd' if trd == 'on' else 'mse'}.pt"
-            if not dckpt.exists():
-                iters = ["--iters", args.distill_iters] if args.distill_iters else []
-                times["distill"] = run(dckpt.stem + "_distill", "distill.py", "--qckpt", ckpt, "--trd", trd, "--out", dckpt, *iters)
-            ckpt = dckpt
-            eps_mse = json.loads(ckpt.with_suffix(".json").read_text())["eps_mse_after"]
-    tag = key.replace(" ", "_")
+def fmt(v, f=".3f"):
+    return "-" if v is None else format(v, f)
+
+
+def mean_std(values, f=".3f"):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return format(values[0], f)
+    return f"{statistics.mean(values):{f}} ± {statistics.stdev(values):{f}}"
+
+
+# ---- the runs: a run is (cell, n, training seed, lr multiplier, distill iterations)
+def quant_path(variant, n, seed):
+    return args.out / "quant" / f"w{n}a{args.abits}_{variant}_s{seed}.pt"
+
+
+def distill_path(cell, n, seed, mult, iters):
+    variant, trd = CELLS[cell]
+    return args.out / "distill" / f"w{n}a{args.abits}_{variant}_{'trd' if trd == 'on' else 'mse'}_s{seed}_x{mult:g}_it{iters}.pt"
+
+
+def key(cell, n=None, seed=None, mult=None, iters=None):
+    if CELLS[cell][0] is None:
+        return cell
+    return f"W{n}A{args.abits} {cell} seed{seed}" + (f" x{mult:g} it{iters}" if CELLS[cell][1] else "")
+
+
+def quantize(job):
+    variant, n, seed = job
+    path = quant_path(variant, n, seed)
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        run(path.stem + "_quantize", "quantize.py", "--wbits", n, "--abits", args.abits, *QUANT[variant], "--seed", seed,
+            "--out", path, "--force")
+
+
+def distill(job):
+    cell, n, seed, mult, iters = job
+    path = distill_path(cell, n, seed, mult, iters)
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        run(path.stem + "_distill", "distill.py", "--qckpt", quant_path(CELLS[cell][0], n, seed), "--trd", CELLS[cell][1],
+            "--seed", seed, "--lr-mult", mult, "--iters", iters, "--out", path, "--force")
+    return json.loads(path.with_suffix(".json").read_text())
+
+
+def sample_and_score(job):
+    """Samples and scores one run; returns its results entry."""
+    cell, n, seed, mult, iters = job
+    variant, trd = CELLS[cell]
+    ckpt = (distill_path(*job) if trd else quant_path(variant, n, seed)) if variant else None
+    tag = key(*job).replace(" ", "_")
     samples = args.out / "samples" / tag
-    seed = args.sample_seed + 1 if name == "fp2" else args.sample_seed
-    times["sample"] = run(tag + "_sample", "sample.py", *(["--ckpt", ckpt] if ckpt else []), "--num-images", args.num_images,
-                          "--seed", seed, "--out", samples, "--force")
+    sample_seed = args.sample_seed + 1 if cell == "fp2" else args.sample_seed
+    times = {"sample": run(tag + "_sample", "sample.py", *(["--ckpt", ckpt] if ckpt else []), "--num-images",
+                           args.num_images, "--seed", sample_seed, "--no-png", "--out", samples, "--force")}
     times["evaluate"] = run(tag + "_evaluate", "evaluate.py", samples / "samples.npz")
     metrics = json.loads((samples / "samples.eval.json").read_text())
     fid_vs_fp = None
-    if name != "fp":
-        run(tag + "_evaluate_vs_fp", "evaluate.py", samples / "samples.npz", "--ref", fp_reference(),
+    if cell != "fp":
+        run(tag + "_evaluate_vs_fp", "evaluate.py", samples / "samples.npz", "--ref", args.out / "samples" / "fp" / "samples.npz",
             "--out", samples / "vs_fp.eval.json")
         fid_vs_fp = json.loads((samples / "vs_fp.eval.json").read_text())["fid"]
-    prev = results.get(key, {}).get("seconds", {})
-    results[key] = dict(cell=name, wbits=n if method else None, abits=args.abits if method else None, sample_seed=seed,
-                        checkpoint=str(ckpt) if ckpt else "checkpoints/digits_unet.pt", n_samples=metrics["n_samples"],
-                        fid=metrics["fid"], fid_vs_fp=fid_vs_fp, eps_mse=eps_mse, sfid=metrics["sfid"], IS=metrics["is"],
-                        precision=metrics["precision"], recall=metrics["recall"],
-                        feature_network=metrics["feature_network"], seconds={**prev, **times})
-    results_path.write_text(json.dumps(results, indent=1))
-    r = results[key]
-    print(f"{key:28s} FID {r['fid']:8.3f}  IS {r['IS']:6.3f}  precision {r['precision']:.3f}  recall {r['recall']:.3f}"
-          + (f"  FID vs FP {fid_vs_fp:.3f}" if fid_vs_fp is not None else "")
-          + f"  ({', '.join(f'{k} {v:.0f}s' for k, v in times.items())})", flush=True)
+    eps_mse, stage_seconds = None, {}
+    if variant:
+        q = json.loads(quant_path(variant, n, seed).with_suffix(".json").read_text())
+        eps_mse, stage_seconds["quantize"] = q["eps_mse"], q["seconds"]
+        if trd:
+            d = json.loads(ckpt.with_suffix(".json").read_text())
+            eps_mse, stage_seconds["distill"] = d["eps_mse_after"], d["seconds"]
+    return dict(cell=cell, wbits=n, abits=args.abits if variant else None, train_seed=seed, lr_mult=mult, iters=iters,
+                updates=iters * 20 if trd else None, sample_seed=sample_seed, checkpoint=str(ckpt or "checkpoints/digits_unet.pt"),
+                n_samples=metrics["n_samples"], fid=metrics["fid"], fid_vs_fp=fid_vs_fp, eps_mse=eps_mse, sfid=metrics["sfid"],
+                IS=metrics["is"], precision=metrics["precision"], recall=metrics["recall"],
+                feature_network=metrics["feature_network"], seconds={**stage_seconds, **times})
 
 
+def done(job):
+    r = results["runs"].get(key(*job))
+    return r is not None and (r["sample_seed"], r["n_samples"]) == (
+        args.sample_seed + (job[0] == "fp2"), args.num_images)
+
+
+# ---- 1. the learning-rate search on the selection seed: per cell, the multiplier of lowest eps MSE
+distilled = [(c, n) for n in bits for c in dict.fromkeys(cells + (args.budget_cells.split(",") if budget_iters else []))
+             if CELLS[c][1]]
+search_iters = args.search_iters or args.distill_iters
+chosen = {(c, n): args.lr_mult for c, n in distilled}
+if search:
+    jobs = [(c, n, args.selection_seed, m, search_iters) for c, n in distilled for m in search]
+    todo = [j for j in jobs if key(*j) not in results["search"]]
+    parallel(quantize, sorted({(CELLS[c][0], n, s) for c, n, s, m, i in todo}))
+    for j, report in zip(todo, parallel(distill, todo)):
+        results["search"][key(*j)] = dict(cell=j[0], wbits=j[1], seed=j[2], lr_mult=j[3], iters=j[4],
+                                          eps_mse=report["eps_mse_after"], seconds=report["seconds"])
+    save_results()
+    for c, n in distilled:
+        tried = [results["search"][key(c, n, args.selection_seed, m, search_iters)] for m in search]
+        chosen[c, n] = min(tried, key=lambda r: r["eps_mse"])["lr_mult"]
+    print("chosen LoRA learning-rate multipliers:", {f"W{n} {c}": m for (c, n), m in chosen.items()}, flush=True)
+
+# ---- 2. the reported runs: every cell x training seed, and the budget curve's extra iterations
+jobs = []
 for n in bits:
-    for name in cells:
-        if name.startswith("fp") and n != bits[0]:
-            continue
-        cell(name, n)
+    for c in cells:
+        if CELLS[c][0] is None:
+            jobs += [(c, None, None, None, None)] if n == bits[0] else []
+        else:
+            jobs += [(c, n, s, chosen.get((c, n)), args.distill_iters if CELLS[c][1] else None) for s in seeds]
+    for c in args.budget_cells.split(",") if budget_iters else []:
+        jobs += [(c, n, s, chosen[c, n], i) for i in budget_iters for s in seeds[:args.budget_seeds]]
+if "fp" not in cells and not done(("fp", None, None, None, None)):  # every "FID vs FP" needs the FP samples
+    jobs.insert(0, ("fp", None, None, None, None))
+todo = [j for j in dict.fromkeys(jobs) if not done(j)]
+for j in [j for j in todo if j[0] == "fp"]:  # first: the reference of every other run
+    results["runs"][key(*j)] = sample_and_score(j)
+    save_results()
+# each run a chain (quantize -> distill -> sample and score), training seed after training seed, so that
+# both workers stay busy and a stopped sweep keeps whole seeds; runs sharing a quantized model wait for it
+locks, results_lock = {}, threading.Lock()
 
-# ---- the table, from everything measured so far
-rows = ["| setting | method | FID (in-domain) | FID vs FP (in-domain) | eps MSE vs FP | sFID (in-domain) | IS (in-domain) "
-        "| precision | recall | samples | time (q / d / s / e, s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|"]
-order = sorted(results.items(), key=lambda kv: (kv[1]["wbits"] or 0, list(CELLS).index(kv[1]["cell"])))
-fmt = lambda v, f: "-" if v is None else format(v, f)
-for key, r in order:
-    t = r["seconds"]
-    stage = " / ".join(f"{t[s]:.0f}" if s in t else "-" for s in ("quantize", "distill", "sample", "evaluate"))
-    setting = "FP32" if r["wbits"] is None else f"W{r['wbits']}A{r['abits']}"
-    rows.append(f"| {setting} | {NAMES[r['cell']]} | {r['fid']:.3f} | {fmt(r.get('fid_vs_fp'), '.3f')} | "
-                f"{fmt(r.get('eps_mse'), '.4f')} | {r['sfid']:.3f} | {r['IS']:.3f} | {r['precision']:.3f} | "
-                f"{r['recall']:.3f} | {r['n_samples']} | {stage} |")
-(args.out / "results.md").write_text("\n".join(rows) + "\n")
-print("\n".join(rows))
-base = {r["wbits"]: r["fid"] for r in results.values() if r["cell"] == "baseline"}
-for r in results.values():
-    if r["cell"] == "mpqdm" and r["wbits"] in base:
-        change = 100 * (r["fid"] - base[r["wbits"]]) / base[r["wbits"]]
-        print(f"W{r['wbits']}A{r['abits']}: MPQ-DM FID {r['fid']:.3f} vs baseline {base[r['wbits']]:.3f} "
-              f"({abs(change):.0f}% {'lower' if change < 0 else 'higher'})")
+
+def chain(j):
+    if CELLS[j[0]][0]:
+        with locks.setdefault((CELLS[j[0]][0], j[1], j[2]), threading.Lock()):
+            quantize((CELLS[j[0]][0], j[1], j[2]))
+    if CELLS[j[0]][1]:
+        distill(j)
+    r = sample_and_score(j)
+    with results_lock:
+        results["runs"][key(*j)] = r
+        save_results()
+
+
+rest = sorted((j for j in todo if j[0] != "fp"), key=lambda j: (j[4] not in (None, args.distill_iters), j[2] or 0))
+parallel(chain, rest)
+for j in dict.fromkeys(jobs):
+    r = results["runs"][key(*j)]
+    print(f"{key(*j):36s} FID {r['fid']:8.3f}" + (f"  FID vs FP {r['fid_vs_fp']:8.3f}" if r["fid_vs_fp"] else "")
+          + (f"  eps MSE {r['eps_mse']:.4f}" if r["eps_mse"] else ""))
+
+# ---- 3. tables, from every run in the JSON that matches this invocation's settings
+runs = [r for r in results["runs"].values() if r["sample_seed"] in (args.sample_seed, args.sample_seed + 1)
+        and r["n_samples"] == args.num_images]
+main = [r for r in runs if r["iters"] in (None, args.distill_iters)]
+md = [f"Seed sweep: mean ± std over training seeds (calibration + distillation; sample seed {args.sample_seed} for all), "
+      f"{args.distill_iters * 20} distillation updates, {args.num_images} samples per run; in-domain metrics.", "",
+      "| setting | method | LoRA lr × | seeds | FID | FID vs FP | eps MSE vs FP | FID vs baseline (paired per seed) | IS | precision | recall |",
+      "|---|---|---|---|---|---|---|---|---|---|---|"]
+groups = {}
+for r in main:
+    groups.setdefault((r["wbits"] or 0, list(CELLS).index(r["cell"])), []).append(r)
+for (n, _), rs in sorted(groups.items()):
+    cell = rs[0]["cell"]
+    base = {b["train_seed"]: b["fid"] for b in main if b["cell"] == "baseline" and b["wbits"] == rs[0]["wbits"]}
+    paired = [100 * (r["fid"] - base[r["train_seed"]]) / base[r["train_seed"]] for r in rs
+              if CELLS[cell][0] and cell != "baseline" and r["train_seed"] in base]
+    md.append(f"| {'FP32' if not n else f'W{n}A{args.abits}'} | {NAMES[cell]} | {fmt(rs[0]['lr_mult'], 'g')} | "
+              f"{','.join(str(r['train_seed']) for r in rs) if CELLS[cell][0] else '-'} | {mean_std([r['fid'] for r in rs])} | "
+              f"{mean_std([r['fid_vs_fp'] for r in rs])} | {mean_std([r['eps_mse'] for r in rs], '.4f')} | "
+              f"{mean_std(paired, '+.0f') + ' %' if paired else '-'} | {mean_std([r['IS'] for r in rs])} | "
+              f"{mean_std([r['precision'] for r in rs])} | {mean_std([r['recall'] for r in rs])} |")
+if results["search"]:
+    mults = sorted({r["lr_mult"] for r in results["search"].values()})
+    md += ["", f"Learning-rate search on selection seed {args.selection_seed} (held-out eps MSE after distillation; "
+           "the lowest is chosen, marked *):", "",
+           "| setting | method | updates | " + " | ".join(f"× {m:g}" for m in mults) + " |", "|---|---|---|" + "---|" * len(mults)]
+    rows = {}
+    for r in results["search"].values():
+        rows.setdefault((r["wbits"], list(CELLS).index(r["cell"]), r["iters"]), {})[r["lr_mult"]] = r["eps_mse"]
+    for (n, ci, iters), by_mult in sorted(rows.items()):
+        best = min(by_mult, key=by_mult.get)
+        md.append(f"| W{n}A{args.abits} | {NAMES[list(CELLS)[ci]]} | {iters * 20} | "
+                  + " | ".join(fmt(by_mult.get(m), ".4f") + ("*" if m == best else "") for m in mults) + " |")
+budget = {}
+for r in runs:
+    if r["cell"] in args.budget_cells.split(",") and r["iters"]:
+        budget.setdefault((r["wbits"], r["cell"], r["iters"]), []).append(r)
+curves = {}
+if budget and len({k[2] for k in budget}) > 1:
+    md += ["", "Training budget (mean ± std over the seeds run at each budget):", "",
+           "| setting | method | updates | seeds | FID | FID vs FP | eps MSE vs FP |", "|---|---|---|---|---|---|---|"]
+    for (n, cell, iters), rs in sorted(budget.items(), key=lambda kv: (kv[0][0], list(CELLS).index(kv[0][1]), kv[0][2])):
+        md.append(f"| W{n}A{args.abits} | {NAMES[cell]} | {iters * 20} | {','.join(str(r['train_seed']) for r in rs)} | "
+                  f"{mean_std([r['fid'] for r in rs])} | {mean_std([r['fid_vs_fp'] for r in rs])} | "
+                  f"{mean_std([r['eps_mse'] for r in rs], '.4f')} |")
+        curves.setdefault((n, cell), []).append((iters * 20, [r["fid"] for r in rs]))
+md += ["", f"Wall time of this invocation: {(time.time() - t_sweep) / 60:.1f} min (--jobs {args.jobs})."]
+(args.out / "results.md").write_text("\n".join(md) + "\n")
+print("\n".join(md))
+
+
+# ---- 4. pictures: the budget curve, and the sample grids of FP, baseline and MPQ-DM side by side
+def plot_budget(curves, fp_fid, path, size=(640, 420), margin=60):
+    """FID against updates (log scale), one line per method with its seed range; PIL only."""
+    import math
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    xs = sorted({u for pts in curves.values() for u, _ in pts})
+    ys = [v for pts in curves.values() for _, vs in pts for v in vs] + [fp_fid]
+    x0, x1, y0, y1 = math.log(xs[0]), math.log(xs[-1]), 0.0, max(ys) * 1.1
+    px = lambda u: margin + (math.log(u) - x0) / (x1 - x0) * (size[0] - 2 * margin)
+    py = lambda v: size[1] - margin - (v - y0) / (y1 - y0) * (size[1] - 2 * margin)
+    d.line([(margin, margin), (margin, size[1] - margin), (size[0] - margin, size[1] - margin)], fill="black")
+    for u in xs:
+        d.text((px(u) - 12, size[1] - margin + 6), str(u), fill="black")
+    for v in range(0, int(y1) + 1, max(1, int(y1 / 5 // 10 * 10) or 1)):
+        d.text((8, py(v) - 6), str(v), fill="black")
+        d.line([(margin - 4, py(v)), (margin, py(v))], fill="black")
+    d.text((size[0] // 2 - 60, size[1] - 24), "distillation updates (log)", fill="black")
+    d.text((margin, 12), "in-domain FID (lower is better); bars: min-max over seeds", fill="black")
+    d.line([(margin, py(fp_fid)), (size[0] - margin, py(fp_fid))], fill=(120, 120, 120))
+    d.text((size[0] - margin - 20, py(fp_fid) - 14), "FP", fill=(120, 120, 120))
+    for (label, pts), colour in zip(sorted(curves.items()), [(200, 40, 40), (30, 90, 200), (30, 150, 60)]):
+        pts = sorted(pts)
+        d.line([(px(u), py(statistics.mean(vs))) for u, vs in pts], fill=colour, width=2)
+        for u, vs in pts:
+            d.line([(px(u), py(min(vs))), (px(u), py(max(vs)))], fill=colour, width=1)
+            d.ellipse([px(u) - 3, py(statistics.mean(vs)) - 3, px(u) + 3, py(statistics.mean(vs)) + 3], fill=colour)
+        d.text((px(pts[-1][0]) + 6, py(statistics.mean(pts[-1][1])) - 6), label, fill=colour)
+    img.save(path)
+
+
+fp_run = results["runs"].get("fp")
+for n in bits:
+    c = {NAMES[cell].split(" (")[0]: pts for (m, cell), pts in curves.items() if m == n}
+    if c and fp_run:
+        plot_budget(c, fp_run["fid"], args.out / f"budget_w{n}a{args.abits}.png")
+        print(f"wrote {args.out / f'budget_w{n}a{args.abits}.png'}")
+    panels = [("FP", args.out / "samples" / "fp")] + [
+        (NAMES[c].split(" (")[0], args.out / "samples" / key(c, n, seeds[0], chosen.get((c, n)), args.distill_iters).replace(" ", "_"))
+        for c in ("baseline", "mpqdm") if c in cells]
+    if fp_run and len(panels) > 1 and all((p / "grid.png").exists() for _, p in panels):
+        grids = [Image.open(p / "grid.png").convert("RGB") for _, p in panels]
+        w, h = grids[0].size
+        sheet = Image.new("RGB", (len(grids) * (w + 16) - 16, h + 24), "white")
+        for i, ((label, _), g) in enumerate(zip(panels, grids)):
+            sheet.paste(g, (i * (w + 16), 24))
+            ImageDraw.Draw(sheet).text((i * (w + 16) + 4, 4), f"{label}" + ("" if i == 0 else f", W{n}A{args.abits}"), fill="black")
+        sheet.save(args.out / f"grids_w{n}a{args.abits}.png")
+        print(f"wrote {args.out / f'grids_w{n}a{args.abits}.png'}")

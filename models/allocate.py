@@ -4,6 +4,10 @@ For a layer at target n bits: rank the output channels of the smoothed weight W*
 (outlier-heavy channels score high), give the top k channels n+1 bits and the bottom k channels n-1
 bits (so the layer's average stays exactly n), and choose k among multiples of a group size by the
 squared error of the layer's output, with activations quantized, on the calibration inputs.
+
+Method 'random' is the control for the kurtosis ranking: the same search (so the same smoothing
+and the same numbers k of n+1 and n-1 channels as OMQ chooses), then those bits given to k and k
+channels drawn at random instead of the highest- and lowest-kurtosis ones.
 """
 import torch
 import torch.nn as nn
@@ -99,21 +103,22 @@ def _calibrate_activations(q, inputs):
 
 
 @torch.no_grad()
-def calibrate_layer(q, inputs, method="omq", smooth_alphas=(0.5,), group_frac=0.1):
+def calibrate_layer(q, inputs, method="omq", smooth_alphas=(0.5,), group_frac=0.1, generator=None):
     """Calibrates one QuantLayer on its full-precision inputs {step: tensor}: smoothing scale,
     per-step activation ranges, and (mode 'quant') the bit split and weight ranges. Every
     combination of smoothing strength (smooth_alphas) and split (OMQ: 0, g, 2g, ... channels at
     each end) is scored by the layer's output error with weights and activations quantized; the
     best is kept. Per-channel weight ranges do not depend on the other channels' bit-widths, so
     the layer's error is measured once per bit-width (n-1, n, n+1) and every split is scored from
-    those per-channel errors (channel_errors). Returns a report dict."""
+    those per-channel errors (channel_errors). Method 'random' draws its channels from `generator`.
+    Returns a report dict."""
     if q.mode == "fp":
         return dict(mode="fp")
     layer = q.layer
     wbits = q.wbits
     if q.mode != "quant":
         smooth_alphas = (0.0,)
-    split = q.mode == "quant" and method == "omq" and wbits > 1
+    split = q.mode == "quant" and method in ("omq", "random") and wbits > 1
     options = [wbits - 1, wbits, wbits + 1] if split else [wbits]
     best, errors_uniform = None, {}
     for alpha in smooth_alphas:
@@ -138,9 +143,15 @@ def calibrate_layer(q, inputs, method="omq", smooth_alphas=(0.5,), group_frac=0.
             if k == 0:
                 errors_uniform[alpha] = e
             if best is None or e < best["err"]:
-                best = dict(err=e, alpha=alpha, k=k, kurt=kurt, bits=bits, smooth=q.smooth.clone(),
-                            w_scale=scales.gather(0, pick.to(scales.device))[0], w_zero=zeros.gather(0, pick.to(zeros.device))[0],
-                            a_scale=q.a_scale.detach().clone(), a_zero=q.a_zero.detach().clone())
+                best = dict(err=e, alpha=alpha, k=k, kurt=kurt, bits=bits, smooth=q.smooth.clone(), scales=scales,
+                            zeros=zeros, errors=err, a_scale=q.a_scale.detach().clone(), a_zero=q.a_zero.detach().clone())
+    err_kurtosis = best["err"]
+    if split and method == "random":  # OMQ's k and smoothing, channels drawn at random
+        best["bits"] = split_bits(torch.rand(len(best["bits"]), generator=generator), wbits, best["k"])
+        pick = (best["bits"].long() - options[0])[None].to(best["errors"].device)
+        best["err"] = best["errors"].gather(0, pick).sum().item() / count
+    pick = (best["bits"].long() - options[0])[None].to(best["scales"].device)
+    best["w_scale"], best["w_zero"] = best["scales"].gather(0, pick)[0], best["zeros"].gather(0, pick)[0]
     for name in ("bits", "smooth", "w_scale", "w_zero", "a_scale", "a_zero"):
         getattr(q, name).copy_(best[name])
     q.round_params()
@@ -148,4 +159,4 @@ def calibrate_layer(q, inputs, method="omq", smooth_alphas=(0.5,), group_frac=0.
     return dict(mode=q.mode, wbits=wbits, abits=q.abits, out_channels=len(bits), split=best["k"],
                 smooth_alpha=best["alpha"], high=int((bits == wbits + 1).sum()), low=int((bits == wbits - 1).sum()),
                 mean_bits=bits.float().mean().item(), kurtosis_min=kurt.min().item(), kurtosis_max=kurt.max().item(),
-                mse_uniform=errors_uniform[smooth_alphas[0]], mse_chosen=best["err"])
+                mse_uniform=errors_uniform[smooth_alphas[0]], mse_chosen=best["err"], mse_kurtosis_split=err_kurtosis)

@@ -187,3 +187,38 @@ def test_lora_learning_rate_is_each_layers_own_and_w8a8_layers_stay_frozen(quant
     global_rate = {k: torch.cat([q.w_scale.abs() for q in layers[k].values() if q.mode != "fp"]).mean().item() / 2500
                    for k in layers}
     assert global_rate["omq"] != global_rate["uniform"]
+
+
+def test_relation_loss_once_per_window_by_default_and_it_trains_the_quantized_model(quant_ckpts, tmp_path):
+    """The official TRD schedule: the relation term at each window's last step (4 steps, windows of
+    2: steps 1 and 3), on the window's mean features; --trd-every step adds it at every step. The
+    term must change what the quantized model learns: a run with it ends with other weights than
+    the same run without it (with the official code's detached features they would be equal)."""
+    def distill(name, *flags):
+        out = tmp_path / f"{name}.pt"
+        run_script("distill.py", "--qckpt", quant_ckpts["omq"], "--out", out, *QUICK_DISTILL, "--iters", 1, *flags)
+        return json.loads(out.with_suffix(".json").read_text())["distill"], quant_layers(load_quant_model(out)[1].unet)
+
+    window, w_layers = distill("window", "--lam", 1000)
+    assert window["trd_every"] == "window" and window["relation_steps"] == [1, 3]
+    assert distill("every", "--trd-every", "step")[0]["relation_steps"] == [0, 1, 2, 3]
+    assert distill("w3", "--window", 3)[0]["relation_steps"] == [2, 3]  # a last, shorter window too
+    off, off_layers = distill("off", "--trd", "off")
+    assert off["relation_steps"] == []
+    changed = [n for n, q in w_layers.items() if q.mode != "fp" and not torch.equal(q.layer.weight, off_layers[n].layer.weight)]
+    assert len(changed) > len(w_layers) // 2, changed
+
+
+def test_mse_matches_the_guided_eps_by_default(quant_ckpts, tmp_path):
+    """--mse-target guided (official) and halves train differently, and --lam auto keeps the official
+    summed weighting for each: the KL sums over both guidance halves' features, the guided MSE over
+    one eps, so lambda doubles."""
+    reports, layers = {}, {}
+    for target in ("guided", "halves"):
+        out = tmp_path / f"{target}.pt"
+        run_script("distill.py", "--qckpt", quant_ckpts["omq"], "--out", out, *QUICK_DISTILL, "--iters", 1,
+                   *(["--mse-target", target] if target == "halves" else []))
+        reports[target] = json.loads(out.with_suffix(".json").read_text())["distill"]
+        layers[target] = quant_layers(load_quant_model(out)[1].unet)
+    assert reports["guided"]["mse_target"] == "guided" and reports["guided"]["lam"] == 2 * reports["halves"]["lam"] == 200
+    assert any(not torch.equal(q.layer.weight, layers["halves"][n].layer.weight) for n, q in layers["guided"].items())

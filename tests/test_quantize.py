@@ -44,6 +44,26 @@ def test_planted_outliers_get_more_bits_and_lower_error():
     assert q.bits.float().mean().item() == 2.0
 
 
+def test_random_control_keeps_omqs_split_sizes_on_other_channels():
+    """--method random: the same search as OMQ (same k, smoothing, search error), then its n+1 and
+    n-1 bits on channels drawn at random, each channel with the weight range of its own bit-width;
+    on the planted layer that costs error, since the kurtosis picks were the right ones."""
+    q_omq, omq = calibrated("omq")
+    layer, inputs = planted_layer()
+    q = QuantLayer(layer, "quant", 2, 8, n_steps=3)
+    rand = calibrate_layer(q, inputs, method="random", smooth_alphas=(0.0,), generator=torch.Generator().manual_seed(0))
+    assert (rand["split"], rand["high"], rand["low"]) == (omq["split"], omq["high"], omq["low"]) and omq["split"] > 0
+    assert rand["mse_kurtosis_split"] == pytest.approx(omq["mse_chosen"], rel=1e-6) and rand["mse_chosen"] > omq["mse_chosen"]
+    assert q.bits.float().mean().item() == 2.0 and not torch.equal(q.bits, q_omq.bits)
+    w = q.smoothed_weight().detach()
+    for b in (1, 2, 3):
+        scale = range_search(w, 2.0 ** b - 1, dim=0)[0].half().float()  # as round_params stores it
+        assert torch.allclose(q.w_scale[q.bits == b], scale[q.bits == b]), b
+    q2 = QuantLayer(planted_layer()[0], "quant", 2, 8, n_steps=3)  # another draw, other channels
+    calibrate_layer(q2, inputs, method="random", smooth_alphas=(0.0,), generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(q2.bits, q.bits)
+
+
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_split_keeps_average_exactly_n_and_follows_kurtosis(n):
     kurt = torch.rand(37, generator=torch.Generator().manual_seed(n)) * 10
