@@ -27,7 +27,7 @@ for it); the reported runs use that multiplier. Two "FID vs FP" and "eps MSE" co
 fidelity to the FP model: the in-domain FID between a row's samples and the FP model's samples of
 the same seed, and the held-out one-step noise-prediction error.
 
---jobs 2 runs two stages at a time with one thread each (on 2 cores: 1.7x the throughput of one
+--jobs 2 runs two runs at a time with one thread each (on 2 cores: about 1.6x the throughput of one
 2-thread job, measured; never run two 2-thread torch jobs at once). Figures then differ from a
 --jobs 1 run in the last float bits.
 """
@@ -132,13 +132,13 @@ def fmt(v, f=".3f"):
     return "-" if v is None else format(v, f)
 
 
-def mean_std(values, f=".3f"):
+def mean_std(values, f=".3f", f_std=None):
     values = [v for v in values if v is not None]
     if not values:
         return "-"
     if len(values) == 1:
         return format(values[0], f)
-    return f"{statistics.mean(values):{f}} ± {statistics.stdev(values):{f}}"
+    return f"{statistics.mean(values):{f}} ± {statistics.stdev(values):{f_std or f}}"
 
 
 # ---- the runs: a run is (cell, n, training seed, lr multiplier, distill iterations)
@@ -290,7 +290,7 @@ for (n, _), rs in sorted(groups.items()):
     md.append(f"| {'FP32' if not n else f'W{n}A{args.abits}'} | {NAMES[cell]} | {fmt(rs[0]['lr_mult'], 'g')} | "
               f"{','.join(str(r['train_seed']) for r in rs) if CELLS[cell][0] else '-'} | {mean_std([r['fid'] for r in rs])} | "
               f"{mean_std([r['fid_vs_fp'] for r in rs])} | {mean_std([r['eps_mse'] for r in rs], '.4f')} | "
-              f"{mean_std(paired, '+.0f') + ' %' if paired else '-'} | {mean_std([r['IS'] for r in rs])} | "
+              f"{mean_std(paired, '+.0f', '.0f') + ' %' if paired else '-'} | {mean_std([r['IS'] for r in rs])} | "
               f"{mean_std([r['precision'] for r in rs])} | {mean_std([r['recall'] for r in rs])} |")
 if results["search"]:
     mults = sorted({r["lr_mult"] for r in results["search"].values()})
@@ -317,13 +317,14 @@ if budget and len({k[2] for k in budget}) > 1:
                   f"{mean_std([r['fid'] for r in rs])} | {mean_std([r['fid_vs_fp'] for r in rs])} | "
                   f"{mean_std([r['eps_mse'] for r in rs], '.4f')} |")
         curves.setdefault((n, cell), []).append((iters * 20, [r["fid"] for r in rs]))
-md += ["", f"Wall time of this invocation: {(time.time() - t_sweep) / 60:.1f} min (--jobs {args.jobs})."]
+if todo:
+    md += ["", f"Wall time of the invocation that ran the last runs: {(time.time() - t_sweep) / 60:.1f} min (--jobs {args.jobs})."]
 (args.out / "results.md").write_text("\n".join(md) + "\n")
 print("\n".join(md))
 
 
 # ---- 4. pictures: the budget curve, and the sample grids of FP, baseline and MPQ-DM side by side
-def plot_budget(curves, fp_fid, path, size=(640, 420), margin=60):
+def plot_budget(curves, fp_fid, path, size=(760, 420), margin=60, right=170):
     """FID against updates (log scale), one line per method with its seed range; PIL only."""
     import math
     img = Image.new("RGB", size, "white")
@@ -331,9 +332,9 @@ def plot_budget(curves, fp_fid, path, size=(640, 420), margin=60):
     xs = sorted({u for pts in curves.values() for u, _ in pts})
     ys = [v for pts in curves.values() for _, vs in pts for v in vs] + [fp_fid]
     x0, x1, y0, y1 = math.log(xs[0]), math.log(xs[-1]), 0.0, max(ys) * 1.1
-    px = lambda u: margin + (math.log(u) - x0) / (x1 - x0) * (size[0] - 2 * margin)
+    px = lambda u: margin + (math.log(u) - x0) / (x1 - x0) * (size[0] - margin - right)
     py = lambda v: size[1] - margin - (v - y0) / (y1 - y0) * (size[1] - 2 * margin)
-    d.line([(margin, margin), (margin, size[1] - margin), (size[0] - margin, size[1] - margin)], fill="black")
+    d.line([(margin, margin), (margin, size[1] - margin), (size[0] - right, size[1] - margin)], fill="black")
     for u in xs:
         d.text((px(u) - 12, size[1] - margin + 6), str(u), fill="black")
     for v in range(0, int(y1) + 1, max(1, int(y1 / 5 // 10 * 10) or 1)):
@@ -341,8 +342,8 @@ def plot_budget(curves, fp_fid, path, size=(640, 420), margin=60):
         d.line([(margin - 4, py(v)), (margin, py(v))], fill="black")
     d.text((size[0] // 2 - 60, size[1] - 24), "distillation updates (log)", fill="black")
     d.text((margin, 12), "in-domain FID (lower is better); bars: min-max over seeds", fill="black")
-    d.line([(margin, py(fp_fid)), (size[0] - margin, py(fp_fid))], fill=(120, 120, 120))
-    d.text((size[0] - margin - 20, py(fp_fid) - 14), "FP", fill=(120, 120, 120))
+    d.line([(margin, py(fp_fid)), (size[0] - right, py(fp_fid))], fill=(120, 120, 120))
+    d.text((size[0] - right + 6, py(fp_fid) - 6), "FP", fill=(120, 120, 120))
     for (label, pts), colour in zip(sorted(curves.items()), [(200, 40, 40), (30, 90, 200), (30, 150, 60)]):
         pts = sorted(pts)
         d.line([(px(u), py(statistics.mean(vs))) for u, vs in pts], fill=colour, width=2)
