@@ -276,15 +276,18 @@ def test_uint8_conversion_truncates_as_the_official_scripts():
 
 @need_mini
 def test_kl_decoding_scales_as_the_official_code(tmp_path):
-    """In float64 the KL-f8 decoder reproduces the official output with zero error, and decode()
+    """In float64 the KL-f8 decoder reproduces the official output to float64 rounding, and decode()
     applies the scale as the official decode_first_stage does (1 / scale_factor * z, which differs
     from z / scale_factor in the last bit)."""
     path, yaml_path, _, d = mini_checkpoint("churches", tmp_path)
     model = load_ldm(path, str(yaml_path)).double()
     z = d["z"].double()
     with torch.no_grad():
-        assert torch.equal(model.first_stage_model(z), d["out_f64"])
-        assert torch.equal(model.decode(z), d["out_f64"].clamp(-1, 1))  # scale_factor 1 here
+        out = model.first_stage_model(z)
+        # float64 rounding of this CPU's kernels only (bit for bit on some CPUs, 9e-15 seen on others);
+        # any float32 step or wrong op leaves errors above 1e-7
+        assert (out - d["out_f64"]).abs().max().item() < 1e-12
+        assert torch.equal(model.decode(z), out.clamp(-1, 1))  # scale_factor 1 here
         s = 0.22765929  # a scale_by_std value like churches'
         model.scale_factor = s
         z_s = z * s
