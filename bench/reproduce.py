@@ -59,7 +59,7 @@ NAMES = {"fp": "FP (full precision)", "fp2": "FP, sample seed + 1", "ptq": "unif
          "smooth": "control: uniform + smoothing, TRD", "nosmooth": "control: kurtosis split, no smoothing, TRD",
          "random": "control: random channels, TRD"}
 SWEEP = dict(bits="2", cells="fp,fp2,baseline,omq,trd,mpqdm,smooth,nosmooth,random", train_seeds="0,1,2",
-             lr_search="0.5,1,2,4", budget_iters="10,160", budget_cells="baseline,mpqdm")
+             lr_search="0.5,1,2,4,8,16", budget_iters="10,160", budget_cells="baseline,mpqdm")
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--bits", default="2,3,4", help="weight bit-widths n (activations: --abits)")
@@ -171,9 +171,23 @@ def distill(job):
     path = distill_path(cell, n, seed, mult, iters)
     if not path.exists():
         path.parent.mkdir(exist_ok=True)
+        resume = ["--resume"] if path.with_name(path.name + ".state.pt").exists() else []  # a stopped sweep's last state
         run(path.stem + "_distill", "distill.py", "--qckpt", quant_path(CELLS[cell][0], n, seed), "--trd", CELLS[cell][1],
-            "--seed", seed, "--lr-mult", mult, "--iters", iters, "--out", path, "--force")
+            "--seed", seed, "--lr-mult", mult, "--iters", iters, "--out", path, "--force", *resume)
     return json.loads(path.with_suffix(".json").read_text())
+
+
+def search_distill(job):
+    """distill(), except that a run whose loss stops being finite (too high a multiplier) counts as
+    diverged (eps MSE None, never chosen) instead of stopping the sweep; any other failure still stops it."""
+    try:
+        return distill(job)
+    except SystemExit:
+        log = args.out / "logs" / f"{distill_path(*job).stem}_distill.log"
+        if "error: the loss is" not in log.read_text():
+            raise
+        print(f"diverged: {key(*job)} (see {log})", flush=True)
+        return dict(eps_mse_after=None, seconds=None)
 
 
 def sample_and_score(job):
@@ -222,13 +236,18 @@ if search:
     jobs = [(c, n, args.selection_seed, m, search_iters) for c, n in distilled for m in search]
     todo = [j for j in jobs if key(*j) not in results["search"]]
     parallel(quantize, sorted({(CELLS[c][0], n, s) for c, n, s, m, i in todo}))
-    for j, report in zip(todo, parallel(distill, todo)):
+    for j, report in zip(todo, parallel(search_distill, todo)):
         results["search"][key(*j)] = dict(cell=j[0], wbits=j[1], seed=j[2], lr_mult=j[3], iters=j[4],
                                           eps_mse=report["eps_mse_after"], seconds=report["seconds"])
     save_results()
     for c, n in distilled:
         tried = [results["search"][key(c, n, args.selection_seed, m, search_iters)] for m in search]
-        chosen[c, n] = min(tried, key=lambda r: r["eps_mse"])["lr_mult"]
+        if not (finite := [r for r in tried if r["eps_mse"] is not None]):
+            raise SystemExit(f"every multiplier of the search diverged for W{n} {c}; search lower ones")
+        chosen[c, n] = min(finite, key=lambda r: r["eps_mse"])["lr_mult"]
+        if chosen[c, n] == max(search) and len(search) > 1:
+            print(f"note: W{n} {c} chose the largest multiplier searched ({chosen[c, n]:g}); its optimum may lie "
+                  "beyond the grid", flush=True)
     print("chosen LoRA learning-rate multipliers:", {f"W{n} {c}": m for (c, n), m in chosen.items()}, flush=True)
 
 # ---- 2. the reported runs: every cell x training seed, and the budget curve's extra iterations
@@ -281,10 +300,11 @@ md = [f"Seed sweep: mean ± std over training seeds (calibration + distillation;
       "|---|---|---|---|---|---|---|---|---|---|---|"]
 groups = {}
 for r in main:
-    groups.setdefault((r["wbits"] or 0, list(CELLS).index(r["cell"])), []).append(r)
-for (n, _), rs in sorted(groups.items()):
+    groups.setdefault((r["wbits"] or 0, r["lr_mult"] or 0, list(CELLS).index(r["cell"])), []).append(r)
+for (n, mult, _), rs in sorted(groups.items()):  # a row per (setting, multiplier, cell); paired with the baseline at the same multiplier
     cell = rs[0]["cell"]
-    base = {b["train_seed"]: b["fid"] for b in main if b["cell"] == "baseline" and b["wbits"] == rs[0]["wbits"]}
+    base = {b["train_seed"]: b["fid"] for b in main
+            if b["cell"] == "baseline" and b["wbits"] == rs[0]["wbits"] and (b["lr_mult"] or 0) == mult}
     paired = [100 * (r["fid"] - base[r["train_seed"]]) / base[r["train_seed"]] for r in rs
               if CELLS[cell][0] and cell != "baseline" and r["train_seed"] in base]
     md.append(f"| {'FP32' if not n else f'W{n}A{args.abits}'} | {NAMES[cell]} | {fmt(rs[0]['lr_mult'], 'g')} | "
@@ -301,22 +321,23 @@ if results["search"]:
     for r in results["search"].values():
         rows.setdefault((r["wbits"], list(CELLS).index(r["cell"]), r["iters"]), {})[r["lr_mult"]] = r["eps_mse"]
     for (n, ci, iters), by_mult in sorted(rows.items()):
-        best = min(by_mult, key=by_mult.get)
+        best = min((m for m in by_mult if by_mult[m] is not None), key=by_mult.get, default=None)
         md.append(f"| W{n}A{args.abits} | {NAMES[list(CELLS)[ci]]} | {iters * 20} | "
-                  + " | ".join(fmt(by_mult.get(m), ".4f") + ("*" if m == best else "") for m in mults) + " |")
+                  + " | ".join(("diverged" if m in by_mult and by_mult[m] is None else fmt(by_mult.get(m), ".4f"))
+                               + ("*" if m == best else "") for m in mults) + " |")
 budget = {}
 for r in runs:
     if r["cell"] in args.budget_cells.split(",") and r["iters"]:
-        budget.setdefault((r["wbits"], r["cell"], r["iters"]), []).append(r)
+        budget.setdefault((r["wbits"], r["cell"], r["lr_mult"], r["iters"]), []).append(r)
 curves = {}
-if budget and len({k[2] for k in budget}) > 1:
+if budget and len({k[3] for k in budget}) > 1:
     md += ["", "Training budget (mean ± std over the seeds run at each budget):", "",
-           "| setting | method | updates | seeds | FID | FID vs FP | eps MSE vs FP |", "|---|---|---|---|---|---|---|"]
-    for (n, cell, iters), rs in sorted(budget.items(), key=lambda kv: (kv[0][0], list(CELLS).index(kv[0][1]), kv[0][2])):
-        md.append(f"| W{n}A{args.abits} | {NAMES[cell]} | {iters * 20} | {','.join(str(r['train_seed']) for r in rs)} | "
+           "| setting | method | LoRA lr × | updates | seeds | FID | FID vs FP | eps MSE vs FP |", "|---|---|---|---|---|---|---|---|"]
+    for (n, cell, mult, iters), rs in sorted(budget.items(), key=lambda kv: (kv[0][0], list(CELLS).index(kv[0][1]), kv[0][2], kv[0][3])):
+        md.append(f"| W{n}A{args.abits} | {NAMES[cell]} | {mult:g} | {iters * 20} | {','.join(str(r['train_seed']) for r in rs)} | "
                   f"{mean_std([r['fid'] for r in rs])} | {mean_std([r['fid_vs_fp'] for r in rs])} | "
                   f"{mean_std([r['eps_mse'] for r in rs], '.4f')} |")
-        curves.setdefault((n, cell), []).append((iters * 20, [r["fid"] for r in rs]))
+        curves.setdefault((n, cell, mult), []).append((iters * 20, [r["fid"] for r in rs]))
 if todo:
     md += ["", f"Wall time of the invocation that ran the last runs: {(time.time() - t_sweep) / 60:.1f} min (--jobs {args.jobs})."]
 (args.out / "results.md").write_text("\n".join(md) + "\n")
@@ -344,7 +365,7 @@ def plot_budget(curves, fp_fid, path, size=(760, 420), margin=60, right=170):
     d.text((margin, 12), "in-domain FID (lower is better); bars: min-max over seeds", fill="black")
     d.line([(margin, py(fp_fid)), (size[0] - right, py(fp_fid))], fill=(120, 120, 120))
     d.text((size[0] - right + 6, py(fp_fid) - 6), "FP", fill=(120, 120, 120))
-    for (label, pts), colour in zip(sorted(curves.items()), [(200, 40, 40), (30, 90, 200), (30, 150, 60)]):
+    for (label, pts), colour in zip(sorted(curves.items()), [(200, 40, 40), (30, 90, 200), (230, 140, 30), (120, 60, 180), (30, 150, 60)]):
         pts = sorted(pts)
         d.line([(px(u), py(statistics.mean(vs))) for u, vs in pts], fill=colour, width=2)
         for u, vs in pts:
@@ -356,7 +377,8 @@ def plot_budget(curves, fp_fid, path, size=(760, 420), margin=60, right=170):
 
 fp_run = results["runs"].get("fp")
 for n in bits:
-    c = {NAMES[cell].split(" (")[0]: pts for (m, cell), pts in curves.items() if m == n}
+    c = {f"{NAMES[cell].split(' (')[0]}, lr x{mult:g}": pts for (m, cell, mult), pts in curves.items()
+         if m == n and len(pts) > 1}
     if c and fp_run:
         plot_budget(c, fp_run["fid"], args.out / f"budget_w{n}a{args.abits}.png")
         print(f"wrote {args.out / f'budget_w{n}a{args.abits}.png'}")
