@@ -23,7 +23,9 @@ its LoRA init and trajectories); the eps-MSE checks use s + 10000. The evaluatio
 --sample-seed for every run, and nothing else uses it. The learning-rate search (--lr-search) runs
 every distilled cell at each multiplier on --selection-seed, which nothing reported uses, and keeps
 per cell the multiplier with the lowest held-out eps MSE after distillation (no images are scored
-for it); the reported runs use that multiplier. Two "FID vs FP" and "eps MSE" columns measure
+for it); the reported runs use that multiplier. With --lr-extend K, a cell whose best multiplier is
+the largest (smallest) tried also tries twice (half) that, up to K doublings past the grid, so that
+each cell's choice ends between two worse neighbours under the same rule for every cell. Two "FID vs FP" and "eps MSE" columns measure
 fidelity to the FP model: the in-domain FID between a row's samples and the FP model's samples of
 the same seed, and the held-out one-step noise-prediction error.
 
@@ -59,7 +61,7 @@ NAMES = {"fp": "FP (full precision)", "fp2": "FP, sample seed + 1", "ptq": "unif
          "smooth": "control: uniform + smoothing, TRD", "nosmooth": "control: kurtosis split, no smoothing, TRD",
          "random": "control: random channels, TRD"}
 SWEEP = dict(bits="2", cells="fp,fp2,baseline,omq,trd,mpqdm,smooth,nosmooth,random", train_seeds="0,1,2",
-             lr_search="0.5,1,2,4,8,16", budget_iters="10,160", budget_cells="baseline,mpqdm")
+             lr_search="16,32", lr_extend=2, budget_iters="10,160", budget_cells="baseline,mpqdm")
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--bits", default="2,3,4", help="weight bit-widths n (activations: --abits)")
@@ -71,8 +73,11 @@ parser.add_argument("--num-images", type=int, default=1000, help="samples per ru
 parser.add_argument("--distill-iters", type=int, default=40, help="distill.py --iters of the reported runs (x 20 updates)")
 parser.add_argument("--lr-mult", type=float, default=1.0, help="LoRA learning-rate multiplier when there is no search")
 parser.add_argument("--lr-search", default=None, help="multipliers searched per cell on --selection-seed, e.g. 0.5,1,2,4")
+parser.add_argument("--lr-extend", type=int, default=0,
+                    help="grow the search grid by up to this many doublings (halvings) past the edge holding the best")
 parser.add_argument("--selection-seed", type=int, default=99, help="the search's training seed; nothing reported uses it")
 parser.add_argument("--search-iters", type=int, default=None, help="distill.py --iters of the search (default: --distill-iters)")
+parser.add_argument("--search-only", action="store_true", help="run the learning-rate search, then only write the tables")
 parser.add_argument("--budget-iters", default="", help="extra distill.py --iters for the budget curve, e.g. 10,160")
 parser.add_argument("--budget-cells", default="baseline,mpqdm")
 parser.add_argument("--budget-seeds", type=int, default=2, help="the first this many training seeds run the budget curve")
@@ -223,36 +228,53 @@ def sample_and_score(job):
 
 def done(job):
     r = results["runs"].get(key(*job))
+    if job[0] == "fp" and not (args.out / "samples" / "fp" / "samples.npz").exists():
+        return False  # every "FID vs FP" reads these samples: a results.json copied without them reruns the fp cell
     return r is not None and (r["sample_seed"], r["n_samples"]) == (
         args.sample_seed + (job[0] == "fp2"), args.num_images)
 
 
-# ---- 1. the learning-rate search on the selection seed: per cell, the multiplier of lowest eps MSE
+# ---- 1. the learning-rate search on the selection seed: per cell, the multiplier of lowest eps MSE.
+# With --lr-extend K the grid grows by doubling (or halving) past whichever edge holds the best multiplier,
+# up to K steps per side, so every cell ends bracketed (both neighbours tried and worse) under one rule.
 distilled = [(c, n) for n in bits for c in dict.fromkeys(cells + (args.budget_cells.split(",") if budget_iters else []))
              if CELLS[c][1]]
 search_iters = args.search_iters or args.distill_iters
 chosen = {(c, n): args.lr_mult for c, n in distilled}
 if search:
-    jobs = [(c, n, args.selection_seed, m, search_iters) for c, n in distilled for m in search]
-    todo = [j for j in jobs if key(*j) not in results["search"]]
-    parallel(quantize, sorted({(CELLS[c][0], n, s) for c, n, s, m, i in todo}))
-    for j, report in zip(todo, parallel(search_distill, todo)):
-        results["search"][key(*j)] = dict(cell=j[0], wbits=j[1], seed=j[2], lr_mult=j[3], iters=j[4],
-                                          eps_mse=report["eps_mse_after"], seconds=report["seconds"])
-    save_results()
-    for c, n in distilled:
-        tried = [results["search"][key(c, n, args.selection_seed, m, search_iters)] for m in search]
-        if not (finite := [r for r in tried if r["eps_mse"] is not None]):
-            raise SystemExit(f"every multiplier of the search diverged for W{n} {c}; search lower ones")
-        chosen[c, n] = min(finite, key=lambda r: r["eps_mse"])["lr_mult"]
-        if chosen[c, n] == max(search) and len(search) > 1:
-            print(f"note: W{n} {c} chose the largest multiplier searched ({chosen[c, n]:g}); its optimum may lie "
-                  "beyond the grid", flush=True)
+    grids = {cn: sorted(search) for cn in distilled}
+    while True:
+        jobs = [(c, n, args.selection_seed, m, search_iters) for (c, n), ms in grids.items() for m in ms]
+        todo = [j for j in jobs if key(*j) not in results["search"]]
+        parallel(quantize, sorted({(CELLS[c][0], n, s) for c, n, s, m, i in todo}))
+        for j, report in zip(todo, parallel(search_distill, todo)):
+            results["search"][key(*j)] = dict(cell=j[0], wbits=j[1], seed=j[2], lr_mult=j[3], iters=j[4],
+                                              eps_mse=report["eps_mse_after"], seconds=report["seconds"])
+        save_results()
+        grown = False
+        for (c, n), ms in grids.items():
+            tried = [results["search"][key(c, n, args.selection_seed, m, search_iters)] for m in ms]
+            if not (finite := [r for r in tried if r["eps_mse"] is not None]):
+                raise SystemExit(f"every multiplier of the search diverged for W{n} {c}; search lower ones")
+            chosen[c, n] = min(finite, key=lambda r: r["eps_mse"])["lr_mult"]
+            if len(ms) > 1 and chosen[c, n] == max(ms) < max(search) * 2 ** args.lr_extend:
+                ms.append(2 * max(ms))
+            elif len(ms) > 1 and chosen[c, n] == min(ms) > min(search) / 2 ** args.lr_extend:
+                ms.insert(0, min(ms) / 2)
+            else:
+                continue
+            grown = True
+        if not grown:
+            break
+    for (c, n), ms in grids.items():
+        if chosen[c, n] in (max(ms), min(ms)) and len(ms) > 1:
+            print(f"note: W{n} {c} chose a multiplier at the edge of the search ({chosen[c, n]:g}); its optimum may lie "
+                  "beyond it", flush=True)
     print("chosen LoRA learning-rate multipliers:", {f"W{n} {c}": m for (c, n), m in chosen.items()}, flush=True)
 
 # ---- 2. the reported runs: every cell x training seed, and the budget curve's extra iterations
 jobs = []
-for n in bits:
+for n in [] if args.search_only else bits:
     for c in cells:
         if CELLS[c][0] is None:
             jobs += [(c, None, None, None, None)] if n == bits[0] else []
@@ -260,14 +282,15 @@ for n in bits:
             jobs += [(c, n, s, chosen.get((c, n)), args.distill_iters if CELLS[c][1] else None) for s in seeds]
     for c in args.budget_cells.split(",") if budget_iters else []:
         jobs += [(c, n, s, chosen[c, n], i) for i in budget_iters for s in seeds[:args.budget_seeds]]
-if "fp" not in cells and not done(("fp", None, None, None, None)):  # every "FID vs FP" needs the FP samples
+if "fp" not in cells and not args.search_only and not done(("fp", None, None, None, None)):  # every "FID vs FP" needs the FP samples
     jobs.insert(0, ("fp", None, None, None, None))
 todo = [j for j in dict.fromkeys(jobs) if not done(j)]
 for j in [j for j in todo if j[0] == "fp"]:  # first: the reference of every other run
     results["runs"][key(*j)] = sample_and_score(j)
     save_results()
-# each run a chain (quantize -> distill -> sample and score), training seed after training seed, so that
-# both workers stay busy and a stopped sweep keeps whole seeds; runs sharing a quantized model wait for it
+# each run a chain (quantize -> distill -> sample and score), cell after cell in --cells order, each cell's
+# seeds together, so that both workers stay busy and a stopped sweep keeps whole rows (every seed of the
+# first cells); runs sharing a quantized model wait for it
 locks, results_lock = {}, threading.Lock()
 
 
@@ -283,7 +306,8 @@ def chain(j):
         save_results()
 
 
-rest = sorted((j for j in todo if j[0] != "fp"), key=lambda j: (j[4] not in (None, args.distill_iters), j[2] or 0))
+rest = sorted((j for j in todo if j[0] != "fp"), key=lambda j: (
+    j[4] not in (None, args.distill_iters), cells.index(j[0]) if j[0] in cells else len(cells), j[2] or 0))
 parallel(chain, rest)
 for j in dict.fromkeys(jobs):
     r = results["runs"][key(*j)]
@@ -294,24 +318,39 @@ for j in dict.fromkeys(jobs):
 runs = [r for r in results["runs"].values() if r["sample_seed"] in (args.sample_seed, args.sample_seed + 1)
         and r["n_samples"] == args.num_images]
 main = [r for r in runs if r["iters"] in (None, args.distill_iters)]
-md = [f"Seed sweep: mean ± std over training seeds (calibration + distillation; sample seed {args.sample_seed} for all), "
-      f"{args.distill_iters * 20} distillation updates, {args.num_images} samples per run; in-domain metrics.", "",
-      "| setting | method | LoRA lr × | seeds | FID | FID vs FP | eps MSE vs FP | FID vs baseline (paired per seed) | IS | precision | recall |",
-      "|---|---|---|---|---|---|---|---|---|---|---|"]
+HEADER = ["| setting | method | LoRA lr × | seeds | FID | FID vs FP | eps MSE vs FP | FID vs baseline (paired per seed) | IS | precision | recall |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def table_row(rs, base_mult):
+    """One Markdown row over a cell's seeds; the FID change is paired per seed with the baseline run
+    at multiplier base_mult (same setting, same training seed)."""
+    cell, n = rs[0]["cell"], rs[0]["wbits"]
+    base = {b["train_seed"]: b["fid"] for b in main
+            if b["cell"] == "baseline" and b["wbits"] == n and (b["lr_mult"] or 0) == base_mult}
+    paired = [100 * (r["fid"] - base[r["train_seed"]]) / base[r["train_seed"]] for r in rs
+              if CELLS[cell][0] and cell != "baseline" and r["train_seed"] in base]
+    return (f"| {'FP32' if not n else f'W{n}A{args.abits}'} | {NAMES[cell]} | {fmt(rs[0]['lr_mult'], 'g')} | "
+            f"{','.join(str(r['train_seed']) for r in rs) if CELLS[cell][0] else '-'} | {mean_std([r['fid'] for r in rs])} | "
+            f"{mean_std([r['fid_vs_fp'] for r in rs])} | {mean_std([r['eps_mse'] for r in rs], '.4f')} | "
+            f"{mean_std(paired, '+.0f', '.0f') + ' %' if paired else '-'} | {mean_std([r['IS'] for r in rs])} | "
+            f"{mean_std([r['precision'] for r in rs])} | {mean_std([r['recall'] for r in rs])} |")
+
+
 groups = {}
 for r in main:
     groups.setdefault((r["wbits"] or 0, r["lr_mult"] or 0, list(CELLS).index(r["cell"])), []).append(r)
-for (n, mult, _), rs in sorted(groups.items()):  # a row per (setting, multiplier, cell); paired with the baseline at the same multiplier
-    cell = rs[0]["cell"]
-    base = {b["train_seed"]: b["fid"] for b in main
-            if b["cell"] == "baseline" and b["wbits"] == rs[0]["wbits"] and (b["lr_mult"] or 0) == mult}
-    paired = [100 * (r["fid"] - base[r["train_seed"]]) / base[r["train_seed"]] for r in rs
-              if CELLS[cell][0] and cell != "baseline" and r["train_seed"] in base]
-    md.append(f"| {'FP32' if not n else f'W{n}A{args.abits}'} | {NAMES[cell]} | {fmt(rs[0]['lr_mult'], 'g')} | "
-              f"{','.join(str(r['train_seed']) for r in rs) if CELLS[cell][0] else '-'} | {mean_std([r['fid'] for r in rs])} | "
-              f"{mean_std([r['fid_vs_fp'] for r in rs])} | {mean_std([r['eps_mse'] for r in rs], '.4f')} | "
-              f"{mean_std(paired, '+.0f', '.0f') + ' %' if paired else '-'} | {mean_std([r['IS'] for r in rs])} | "
-              f"{mean_std([r['precision'] for r in rs])} | {mean_std([r['recall'] for r in rs])} |")
+md = [f"Seed sweep: mean ± std over training seeds (calibration + distillation; sample seed {args.sample_seed} for all), "
+      f"{args.distill_iters * 20} distillation updates, {args.num_images} samples per run; in-domain metrics.", ""]
+if search:  # each cell at the multiplier its search chose, paired with the baseline at the baseline's choice
+    md += ["Each method at its own chosen learning-rate multiplier:", "", *HEADER]
+    for (n, mult, ci), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2])):
+        if not n or chosen.get((list(CELLS)[ci], n)) == mult:
+            md.append(table_row(rs, chosen.get(("baseline", n))))
+    md += ["", "Every multiplier run (paired with the baseline at the same multiplier):", ""]
+md += HEADER
+for (n, mult, _), rs in sorted(groups.items()):  # a row per (setting, multiplier, cell)
+    md.append(table_row(rs, mult))
 if results["search"]:
     mults = sorted({r["lr_mult"] for r in results["search"].values()})
     md += ["", f"Learning-rate search on selection seed {args.selection_seed} (held-out eps MSE after distillation; "
@@ -365,13 +404,18 @@ def plot_budget(curves, fp_fid, path, size=(760, 420), margin=60, right=170):
     d.text((margin, 12), "in-domain FID (lower is better); bars: min-max over seeds", fill="black")
     d.line([(margin, py(fp_fid)), (size[0] - right, py(fp_fid))], fill=(120, 120, 120))
     d.text((size[0] - right + 6, py(fp_fid) - 6), "FP", fill=(120, 120, 120))
+    labels = []
     for (label, pts), colour in zip(sorted(curves.items()), [(200, 40, 40), (30, 90, 200), (230, 140, 30), (120, 60, 180), (30, 150, 60)]):
         pts = sorted(pts)
         d.line([(px(u), py(statistics.mean(vs))) for u, vs in pts], fill=colour, width=2)
         for u, vs in pts:
             d.line([(px(u), py(min(vs))), (px(u), py(max(vs)))], fill=colour, width=1)
             d.ellipse([px(u) - 3, py(statistics.mean(vs)) - 3, px(u) + 3, py(statistics.mean(vs)) + 3], fill=colour)
-        d.text((px(pts[-1][0]) + 6, py(statistics.mean(pts[-1][1])) - 6), label, fill=colour)
+        labels.append([py(statistics.mean(pts[-1][1])) - 6, px(pts[-1][0]) + 6, label, colour])
+    for i, lab in enumerate(sorted(labels, reverse=True)):  # from the bottom up, each label at least a line above the last
+        lab[0] = min(lab[0], prev - 12) if i else lab[0]
+        prev = lab[0]
+        d.text((lab[1], lab[0]), lab[2], fill=lab[3])
     img.save(path)
 
 
@@ -383,7 +427,8 @@ for n in bits:
         plot_budget(c, fp_run["fid"], args.out / f"budget_w{n}a{args.abits}.png")
         print(f"wrote {args.out / f'budget_w{n}a{args.abits}.png'}")
     panels = [("FP", args.out / "samples" / "fp")] + [
-        (NAMES[c].split(" (")[0], args.out / "samples" / key(c, n, seeds[0], chosen.get((c, n)), args.distill_iters).replace(" ", "_"))
+        (f"{NAMES[c].split(' (')[0]}, W{n}A{args.abits}, lr x{chosen.get((c, n)):g}",
+         args.out / "samples" / key(c, n, seeds[0], chosen.get((c, n)), args.distill_iters).replace(" ", "_"))
         for c in ("baseline", "mpqdm") if c in cells]
     if fp_run and len(panels) > 1 and all((p / "grid.png").exists() for _, p in panels):
         grids = [Image.open(p / "grid.png").convert("RGB") for _, p in panels]
@@ -391,6 +436,6 @@ for n in bits:
         sheet = Image.new("RGB", (len(grids) * (w + 16) - 16, h + 24), "white")
         for i, ((label, _), g) in enumerate(zip(panels, grids)):
             sheet.paste(g, (i * (w + 16), 24))
-            ImageDraw.Draw(sheet).text((i * (w + 16) + 4, 4), f"{label}" + ("" if i == 0 else f", W{n}A{args.abits}"), fill="black")
+            ImageDraw.Draw(sheet).text((i * (w + 16) + 4, 4), label, fill="black")
         sheet.save(args.out / f"grids_w{n}a{args.abits}.png")
         print(f"wrote {args.out / f'grids_w{n}a{args.abits}.png'}")
