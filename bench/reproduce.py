@@ -325,6 +325,7 @@ HEADER = ["| setting | method | LoRA lr × | seeds | FID | FID vs FP | eps MSE v
 def table_row(rs, base_mult):
     """One Markdown row over a cell's seeds; the FID change is paired per seed with the baseline run
     at multiplier base_mult (same setting, same training seed)."""
+    rs = sorted(rs, key=lambda r: r["train_seed"] or 0)
     cell, n = rs[0]["cell"], rs[0]["wbits"]
     base = {b["train_seed"]: b["fid"] for b in main
             if b["cell"] == "baseline" and b["wbits"] == n and (b["lr_mult"] or 0) == base_mult}
