@@ -25,8 +25,8 @@ every distilled cell at each multiplier on --selection-seed, which nothing repor
 per cell the multiplier with the lowest held-out eps MSE after distillation (no images are scored
 for it); the reported runs use that multiplier. With --lr-extend K, a cell whose best multiplier is
 the largest (smallest) tried also tries twice (half) that, up to K doublings past the grid, so that
-each cell's choice ends between two worse neighbours under the same rule for every cell. Two "FID vs FP" and "eps MSE" columns measure
-fidelity to the FP model: the in-domain FID between a row's samples and the FP model's samples of
+each cell's choice ends between two worse neighbours under the same rule for every cell. Two
+"FID vs FP" and "eps MSE" columns measure fidelity to the FP model: the in-domain FID between a row's samples and the FP model's samples of
 the same seed, and the held-out one-step noise-prediction error.
 
 --jobs 2 runs two runs at a time with one thread each (on 2 cores: about 1.6x the throughput of one
@@ -413,10 +413,10 @@ def plot_budget(curves, fp_fid, path, size=(760, 420), margin=60, right=170):
             d.line([(px(u), py(min(vs))), (px(u), py(max(vs)))], fill=colour, width=1)
             d.ellipse([px(u) - 3, py(statistics.mean(vs)) - 3, px(u) + 3, py(statistics.mean(vs)) + 3], fill=colour)
         labels.append([py(statistics.mean(pts[-1][1])) - 6, px(pts[-1][0]) + 6, label, colour])
-    for i, lab in enumerate(sorted(labels, reverse=True)):  # from the bottom up, each label at least a line above the last
-        lab[0] = min(lab[0], prev - 12) if i else lab[0]
-        prev = lab[0]
-        d.text((lab[1], lab[0]), lab[2], fill=lab[3])
+    prev = float("inf")
+    for y, x, label, colour in sorted(labels, reverse=True):  # from the bottom up, each label at least a line above the last
+        prev = min(y, prev - 12)
+        d.text((x, prev), label, fill=colour)
     img.save(path)
 
 
