@@ -43,8 +43,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.cli import (auto_or, check_device, check_finite, check_output, exit_on_interrupt, finite_float,
-                        load_resume_state, nonneg_float, positive_float, positive_int)
+from models.cli import (add_trust_flag, auto_or, check_device, check_finite, check_output, exit_on_interrupt,
+                        finite_float, load_resume_state, nonneg_float, plain_args, positive_float, positive_int)
+from models.safe_load import allow_pickle
 from models.checkpoint import load_quant_model, quant_checkpoint, save_atomic, save_with_report, sha256_file, write_packed
 from models.diffusion import DDIM, combine_guidance, is_guided
 from models.quant import quant_layers, refresh_weights, set_step
@@ -85,7 +86,9 @@ parser.add_argument("--out", type=Path, default=None, help="default: <qckpt stem
 parser.add_argument("--ckpt-every", type=positive_int, default=5, help="iterations between resumable checkpoints")
 parser.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
 parser.add_argument("--force", action="store_true", help="replace --out (and its .json) if it exists")
+add_trust_flag(parser)
 args = parser.parse_args()
+allow_pickle(args.trust_checkpoint)
 device = check_device(parser, args.device)
 if not args.qckpt.is_file():
     parser.error(f"--qckpt: no checkpoint at {args.qckpt}; run quantize.py first")
@@ -214,7 +217,7 @@ for it in range(start_iter, args.iters):
         trainable = {k: v for k, v in qmodel.unet.state_dict().items()
                      if k.endswith(("lora_A", "lora_B", "w_scale", "a_scale", "a_zero"))}
         save_atomic(dict(fingerprint=fingerprint, iter=it + 1, trainable=trainable,
-                         opt=opt.state_dict(), sched=sched.state_dict(), history=history, args=vars(args)), state_path)
+                         opt=opt.state_dict(), sched=sched.state_dict(), history=history, args=plain_args(args)), state_path)
 bar.close()
 seconds_train, updates_run = time.time() - t_train, (args.iters - start_iter) * ddim.steps
 

@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from models.safe_load import UnsafeCheckpointError, allow_pickle
 from models.checkpoint import load_classifier
-from models.cli import check_device, check_output, exit_on_interrupt, positive_int
+from models.cli import add_trust_flag, check_device, check_output, exit_on_interrupt, positive_int
 from models.digits import DEFAULT_CLASSIFIER, load_digits
 from models.npz import NpzArray, npz_members, write_npz
 
@@ -74,7 +75,9 @@ parser.add_argument("--ref-images", type=positive_int, default=10_000,
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 parser.add_argument("--out", type=Path, default=None,
                     help="JSON of all figures (default: beside the samples; an earlier report there is replaced)")
+add_trust_flag(parser)
 args = parser.parse_args()
+allow_pickle(args.trust_checkpoint)
 device = check_device(parser, args.device)
 if not args.samples.exists():
     parser.error(f"samples: {args.samples} does not exist")
@@ -271,7 +274,7 @@ if features == "inception":
 else:
     try:
         clf = load_classifier(args.classifier).to(device)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, UnsafeCheckpointError) as e:
         raise SystemExit(f"error: --classifier: {e}")
     except ValueError as e:
         raise SystemExit(f"error: --classifier {args.classifier} is not a digit classifier checkpoint ({e}); "

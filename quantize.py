@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 from models.allocate import calibrate_layer
 from models.calibration import layer_inputs, unet_inputs_per_step
-from models.cli import (check_device, check_finite, check_output, check_steps, exit_on_interrupt, finite_float,
-                        nonneg_float, positive_float, positive_int)
+from models.cli import (add_trust_flag, check_device, check_finite, check_output, check_steps, exit_on_interrupt,
+                        finite_float, nonneg_float, positive_float, positive_int)
+from models.safe_load import allow_pickle
 from models.checkpoint import fp_reference, load_fp_model, quant_checkpoint, save_with_report, write_packed
 from models.diffusion import DDIM
 from models.digits import DEFAULT_CHECKPOINT
@@ -58,7 +59,9 @@ parser.add_argument("--pack", action="store_true", help="also write <out>.packed
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 parser.add_argument("--out", type=Path, default=None, help="default runs/quant/w<n>a<m>_<method>.pt")
 parser.add_argument("--force", action="store_true", help="replace --out (and its .json) if it exists")
+add_trust_flag(parser)
 args = parser.parse_args()
+allow_pickle(args.trust_checkpoint)
 if args.method not in ("omq", "uniform", "random"):
     parser.error(f"unknown --method {args.method!r}: use omq, uniform or random")
 if not 2 <= args.wbits <= 8:

@@ -33,9 +33,10 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from models.safe_load import allow_pickle
 from models.checkpoint import load_sampling_model, save_atomic, sha256_file
-from models.cli import (check_device, check_finite, check_folder, check_steps, exit_on_interrupt, finite_float,
-                        int_list, load_resume_state, nonneg_float, positive_int)
+from models.cli import (add_trust_flag, check_device, check_finite, check_folder, check_steps, exit_on_interrupt,
+                        finite_float, int_list, load_resume_state, nonneg_float, plain_args, positive_int)
 from models.diffusion import DDIM, ddim_sample, randn_per_sample, sample_generators, to_uint8
 from models.digits import DEFAULT_CHECKPOINT
 from models.npz import NpzArray, write_npz
@@ -58,7 +59,9 @@ parser.add_argument("--shard-size", type=positive_int, default=1000, help="image
 parser.add_argument("--no-png", action="store_true", help="write no per-image PNGs (samples.npz and grid.png only)")
 parser.add_argument("--resume", action="store_true", help="continue a killed run in --out with the same settings")
 parser.add_argument("--force", action="store_true", help="replace the images of an earlier run in --out")
+add_trust_flag(parser)
 args = parser.parse_args()
+allow_pickle(args.trust_checkpoint)
 world = int(os.environ.get("WORLD_SIZE", "1"))
 if args.steps is not None:
     check_steps(parser, args.steps)
@@ -189,7 +192,7 @@ for i, im in enumerate(head):
     grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
 zoom = max(1, 256 // max(rows * h, cols * w))  # tiny images are enlarged (nearest) for viewing
 to_pil(grid).resize((cols * w * zoom, rows * h * zoom), Image.NEAREST).save(args.out / "grid.png")
-(args.out / "samples.json").write_text(json.dumps({**vars(args), "ckpt": str(args.ckpt), "out": str(args.out),
+(args.out / "samples.json").write_text(json.dumps({**plain_args(args),
                                                     "model": kind, "steps": steps, "eta": eta, "guidance": guidance, "world_size": world,
                                                     "n_images": args.num_images, "seconds_sampling": seconds_sampling},
                                                    indent=1))

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.cli import (check_folder, check_output, exit_on_interrupt, finite_float, load_resume_state,
-                        positive_float, positive_int, unit_float)
+from models.cli import (add_trust_flag, check_folder, check_output, exit_on_interrupt, finite_float, load_resume_state,
+                        plain_args, positive_float, positive_int, unit_float)
+from models.safe_load import allow_pickle
 from models.checkpoint import classifier_checkpoint, fp_checkpoint, load_classifier, save_atomic
 from models.classifier import DigitClassifier
 from models.diffusion import DDIM, ddim_sample, randn_per_sample, sample_generators
@@ -46,7 +47,9 @@ parser.add_argument("--ckpt-every", type=positive_int, default=500, help="a kill
 parser.add_argument("--resume", action="store_true", help="continue from <run-dir>/state.pt")
 parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
 parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+add_trust_flag(parser)
 args = parser.parse_args()
+allow_pickle(args.trust_checkpoint)
 is_unet = args.net == "unet"
 steps = args.steps or (5000 if is_unet else 1500)
 lr = args.lr or (5e-4 if is_unet else 1e-3)
@@ -101,7 +104,7 @@ if args.resume:
 
 def save_state():
     state = dict(fingerprint=fingerprint, step=step, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                 gen=gen.get_state(), args=vars(args))
+                 gen=gen.get_state(), args=plain_args(args))
     if is_unet:
         state["ema"] = ema.state_dict()
     save_atomic(state, state_path)
@@ -165,13 +168,13 @@ if is_unet:
                                               guidance=args.guidance, ddim_steps=20)
         print(f"classifier accuracy on {args.eval_samples} class-conditioned samples "
               f"(guidance {args.guidance}, DDIM 20): {correct / args.eval_samples:.3f}")
-    ckpt = fp_checkpoint(model, train_args=vars(args), train_steps=steps, train_seconds=train_time, **extra)
+    ckpt = fp_checkpoint(model, train_args=plain_args(args), train_steps=steps, train_seconds=train_time, **extra)
 else:
     model.eval()
     with torch.no_grad():
         acc = (model(x_test).argmax(1) == y_test).float().mean().item()
     print(f"held-out accuracy on {len(x_test)} real digits: {acc:.3f}")
-    ckpt = classifier_checkpoint(model, heldout_accuracy=acc, train_args=vars(args), train_seconds=train_time)
+    ckpt = classifier_checkpoint(model, heldout_accuracy=acc, train_args=plain_args(args), train_seconds=train_time)
 ckpt["train_args"] = {k: str(v) if isinstance(v, Path) else v for k, v in ckpt["train_args"].items()}
 save_atomic(ckpt, out_path)
 print(f"wrote {out_path} ({out_path.stat().st_size / 1e6:.1f} MB) after {train_time / 60:.1f} min of training")

@@ -22,6 +22,7 @@ from models.classifier import DigitClassifier
 from models.ldm import LDM_CONFIGS, UNET_PREFIX, DiffusionModel, guess_ldm_config, load_ldm
 from models.pack import fp32_bytes, pack_model, unpack_model
 from models.qmodel import build_quant_model
+from models.safe_load import load_torch_file
 from models.quant import quant_layers, refresh_weights
 
 FP_FORMAT = "mpq-dm/fp-model"
@@ -56,13 +57,8 @@ def save_with_report(ckpt, path, report):
 
 
 def load_file(path):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"{path} is not a readable torch checkpoint: {e}") from e
+    """A checkpoint's contents, read without running code from it (models.safe_load)."""
+    return load_torch_file(path)
 
 
 def sha256_file(path, chunk=1 << 22):

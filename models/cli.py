@@ -71,6 +71,20 @@ def int_list(text):
 
 
 # ---- devices and paths
+def plain_args(args):
+    """The parsed arguments as plain values (paths as strings), so that a checkpoint recording
+    them opens with the weights-only unpickler and a report serialises to JSON."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def add_trust_flag(parser):
+    """--trust-checkpoint: the explicit opt-in to open old pickles that hold other objects than
+    tensors and plain values (models.safe_load); off by default, named in the refusal message."""
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="open checkpoints with full unpickling, which can run code from the file: only for "
+                             "files you made or trust (default: weights only)")
+
+
 def check_device(parser, name):
     """A torch.device that exists here, or a parser error saying what does."""
     try:

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from models.autoencoder import FirstStageDecoder
 from models.diffusion import linear_alphas_cumprod
+from models.safe_load import load_torch_file
 from models.unet import ClassEmbedder, UNetModel
 
 _VQF4 = dict(kind="vq", embed_dim=3, n_embed=8192,
@@ -207,7 +208,7 @@ def load_ldm(ckpt_path, config, ckpt=None):
     name = config if isinstance(config, str) else "the given config"
     config = resolve_config(config)
     if ckpt is None:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = load_torch_file(ckpt_path)  # weights only: a Lightning file's few class names get inert stand-ins
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not any(k.startswith(UNET_PREFIX) for k in sd):
         raise ValueError(f"{ckpt_path} is not a latent-diffusion checkpoint: no '{UNET_PREFIX}*' weights found")
