@@ -71,7 +71,13 @@ parser.add_argument("--train-seeds", default="0", help="calibration + distillati
 parser.add_argument("--sample-seed", type=int, default=1234, help="evaluation images of every run")
 parser.add_argument("--num-images", type=int, default=1000, help="samples per run for the metrics")
 parser.add_argument("--distill-iters", type=int, default=40, help="distill.py --iters of the reported runs (x 20 updates)")
-parser.add_argument("--lr-mult", type=float, default=1.0, help="LoRA learning-rate multiplier when there is no search")
+parser.add_argument("--lr-mult", type=float, default=None,
+                    help="LoRA learning-rate multiplier of every distilled cell when there is no --lr-search (default: "
+                         "per cell, the one the committed search chose, read from --committed; x1, the official rule, "
+                         "where it has none)")
+parser.add_argument("--committed", type=Path, default=ROOT / "bench" / "results",
+                    help="folder of the committed sweeps, w<n>a<m>_sweep.json, whose searches give the default multipliers")
+parser.add_argument("--plan", action="store_true", help="print every distilled cell's multiplier and its source, then stop")
 parser.add_argument("--lr-search", default=None, help="multipliers searched per cell on --selection-seed, e.g. 0.5,1,2,4")
 parser.add_argument("--lr-extend", type=int, default=0,
                     help="grow the search grid by up to this many doublings (halvings) past the edge holding the best")
@@ -240,7 +246,31 @@ def done(job):
 distilled = [(c, n) for n in bits for c in dict.fromkeys(cells + (args.budget_cells.split(",") if budget_iters else []))
              if CELLS[c][1]]
 search_iters = args.search_iters or args.distill_iters
-chosen = {(c, n): args.lr_mult for c, n in distilled}
+
+
+def committed_choice(cell, n):
+    """(multiplier, source) that the committed search chose for this cell and bit width: the lowest
+    held-out eps MSE among its finite runs in --committed/w<n>a<m>_sweep.json, at this run's number of
+    distillation iterations; (None, why not) where there is none."""
+    path = args.committed / f"w{n}a{args.abits}_sweep.json"
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    search = json.loads(path.read_text()).get("search", {}) if path.exists() else {}
+    tried = [r for r in search.values() if (r["cell"], r["wbits"], r["iters"]) == (cell, n, search_iters)
+             and r["eps_mse"] is not None]
+    if not tried:
+        return None, f"no committed search for W{n}A{args.abits} {cell} at {search_iters * 20} updates in {shown}"
+    best = min(tried, key=lambda r: r["eps_mse"])
+    return best["lr_mult"], f"chosen by the committed search ({shown})"
+
+
+chosen, source = {}, {}  # (cell, n): LoRA learning-rate multiplier, and where it comes from
+for c, n in distilled:
+    if args.lr_mult is not None:
+        chosen[c, n], source[c, n] = args.lr_mult, "--lr-mult"
+    else:
+        chosen[c, n], source[c, n] = committed_choice(c, n)
+        if chosen[c, n] is None:
+            chosen[c, n], source[c, n] = 1.0, f"the official rule x1: {source[c, n]}"
 if search:
     grids = {cn: sorted(search) for cn in distilled}
     while True:
@@ -257,6 +287,7 @@ if search:
             if not (finite := [r for r in tried if r["eps_mse"] is not None]):
                 raise SystemExit(f"every multiplier of the search diverged for W{n} {c}; search lower ones")
             chosen[c, n] = min(finite, key=lambda r: r["eps_mse"])["lr_mult"]
+            source[c, n] = f"chosen by this search (seed {args.selection_seed})"
             if len(ms) > 1 and chosen[c, n] == max(ms) < max(search) * 2 ** args.lr_extend:
                 ms.append(2 * max(ms))
             elif len(ms) > 1 and chosen[c, n] == min(ms) > min(search) / 2 ** args.lr_extend:
@@ -270,7 +301,11 @@ if search:
         if chosen[c, n] in (max(ms), min(ms)) and len(ms) > 1:
             print(f"note: W{n} {c} chose a multiplier at the edge of the search ({chosen[c, n]:g}); its optimum may lie "
                   "beyond it", flush=True)
-    print("chosen LoRA learning-rate multipliers:", {f"W{n} {c}": m for (c, n), m in chosen.items()}, flush=True)
+
+for (c, n), m in chosen.items():
+    print(f"W{n}A{args.abits} {c}: LoRA lr x{m:g}, {source[c, n]}", flush=True)
+if args.plan:
+    raise SystemExit(0)
 
 # ---- 2. the reported runs: every cell x training seed, and the budget curve's extra iterations
 jobs = []
@@ -312,7 +347,8 @@ parallel(chain, rest)
 for j in dict.fromkeys(jobs):
     r = results["runs"][key(*j)]
     print(f"{key(*j):36s} FID {r['fid']:8.3f}" + (f"  FID vs FP {r['fid_vs_fp']:8.3f}" if r["fid_vs_fp"] else "")
-          + (f"  eps MSE {r['eps_mse']:.4f}" if r["eps_mse"] else ""))
+          + (f"  eps MSE {r['eps_mse']:.4f}" if r["eps_mse"] else "")
+          + (f"  (lr x{j[3]:g}: {source[j[0], j[1]]})" if (j[0], j[1]) in source else ""))
 
 # ---- 3. tables, from every run in the JSON that matches this invocation's settings
 runs = [r for r in results["runs"].values() if r["sample_seed"] in (args.sample_seed, args.sample_seed + 1)
@@ -352,6 +388,9 @@ if search:  # each cell at the multiplier its search chose, paired with the base
 md += HEADER
 for (n, mult, _), rs in sorted(groups.items()):  # a row per (setting, multiplier, cell)
     md.append(table_row(rs, mult))
+if source and not args.search_only:
+    md += ["", "This invocation's LoRA learning-rate multipliers:", ""]
+    md += [f"- W{n}A{args.abits} {NAMES[c]}: × {chosen[c, n]:g}, {source[c, n]}" for c, n in chosen]
 if results["search"]:
     mults = sorted({r["lr_mult"] for r in results["search"].values()})
     md += ["", f"Learning-rate search on selection seed {args.selection_seed} (held-out eps MSE after distillation; "

@@ -1,0 +1,53 @@
+"""bench/reproduce.py runs each distilled cell at the learning-rate multiplier the committed search
+chose for it, and at x1 with a note where no search was committed."""
+import json
+import re
+
+from tests.conftest import ROOT, run_script
+
+COMMITTED = ROOT / "bench" / "results" / "w2a4_sweep.json"
+
+
+def plan(tmp_path, *flags):
+    out = run_script("bench/reproduce.py", "--plan", "--out", tmp_path / "out", *flags).stdout
+    return {m[0]: (float(m[1]), m[2]) for m in re.findall(r"^W\d+A\d+ (\w+): LoRA lr x([\d.]+), (.*)$", out, re.M)}
+
+
+def lowest_eps_mse(search, cell, wbits=2, iters=40):
+    runs = [r for r in search.values() if (r["cell"], r["wbits"], r["iters"]) == (cell, wbits, iters)
+            and r["eps_mse"] is not None]
+    return min(runs, key=lambda r: r["eps_mse"])["lr_mult"]
+
+
+def test_default_multiplier_is_the_committed_choice(tmp_path):
+    search = json.loads(COMMITTED.read_text())["search"]
+    cells = ["baseline", "omq", "trd", "mpqdm", "random"]
+    got = plan(tmp_path, "--bits", 2, "--cells", ",".join(["fp", *cells]))
+    assert set(got) == set(cells)  # fp is not distilled
+    for c in cells:
+        assert got[c] == (lowest_eps_mse(search, c), "chosen by the committed search (bench/results/w2a4_sweep.json)")
+    assert got["baseline"][0] != got["mpqdm"][0]  # per cell, not one multiplier for all
+
+
+def test_multiplier_is_read_from_the_committed_file(tmp_path):
+    """Another committed search gives other multipliers: nothing is typed into the code."""
+    committed = tmp_path / "committed"
+    committed.mkdir()
+    search = {f"k{i}": dict(cell=c, wbits=2, seed=99, lr_mult=m, iters=40, eps_mse=e)
+              for i, (c, m, e) in enumerate([("baseline", 2, 0.02), ("baseline", 4, 0.01), ("baseline", 8, None),
+                                             ("mpqdm", 2, 0.005), ("mpqdm", 4, 0.03)])}
+    (committed / "w2a4_sweep.json").write_text(json.dumps(dict(format=2, runs={}, search=search)))
+    got = plan(tmp_path, "--bits", 2, "--cells", "baseline,mpqdm,trd", "--committed", committed)
+    assert got["baseline"][0] == 4 and got["mpqdm"][0] == 2  # a diverged run (None) is never chosen
+    assert got["trd"][0] == 1 and "official rule x1: no committed search for W2A4 trd" in got["trd"][1]
+    # the search's number of updates must be the run's
+    got = plan(tmp_path, "--bits", 2, "--cells", "baseline", "--committed", committed, "--distill-iters", 10)
+    assert got["baseline"][0] == 1 and "at 200 updates" in got["baseline"][1]
+
+
+def test_no_committed_choice_runs_x1_with_a_note(tmp_path):
+    got = plan(tmp_path, "--bits", 3, "--cells", "baseline,mpqdm", "--committed", tmp_path / "nothing")
+    for c in ("baseline", "mpqdm"):
+        assert got[c][0] == 1 and "official rule x1: no committed search for W3A4" in got[c][1]
+    got = plan(tmp_path, "--bits", 2, "--cells", "mpqdm", "--lr-mult", 4)
+    assert got["mpqdm"] == (4, "--lr-mult")
