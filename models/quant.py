@@ -24,12 +24,45 @@ def round_ste(x):
     return (x.round() - x).detach() + x
 
 
+class FakeQuant(torch.autograd.Function):
+    """(clamp(round(x / scale + zero), 0, qmax) - zero) * scale as one autograd node, with the
+    gradient of that expression spelled out with round_ste (round's gradient taken as 1) and
+    torch.clamp with tensor bounds: clamp passes the gradient where 0 < round(.) < qmax, half of it
+    where round(.) sits on a bound (torch splits a tie between the input and the bound) and none
+    outside. Spelled out in autograd the quantizer is eight nodes whose broadcasting, masks and saved
+    copies were most of a distillation update's time on the embedded default; here backward
+    recomputes the mask from x alone. Values equal the spelled-out version's exactly, gradients to
+    float rounding (tests/test_distill.py)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero, qmax):
+        ctx.save_for_backward(x, scale, zero, qmax)
+        q = torch.minimum((x / scale + zero).round_().clamp_(min=0), qmax)
+        return q.sub_(zero).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, zero, qmax = ctx.saved_tensors
+        r = (x / scale + zero).round_()
+        passed = ((r > 0) & (r < qmax)).to(x.dtype).add_(((r == 0) | (r == qmax)).to(x.dtype), alpha=0.5)
+        g_v = grad * scale * passed  # the gradient reaching x / scale + zero
+        grad_x = g_v / scale if ctx.needs_input_grad[0] else None
+        grad_scale = grad_zero = None
+        if ctx.needs_input_grad[1]:  # out = (q - zero) * scale, and q moves with x / scale
+            q = torch.minimum(r.clamp_(min=0), qmax)
+            grad_scale = ((grad * (q - zero)).sum_to_size(scale.shape)
+                          - (g_v * (x / scale / scale)).sum_to_size(scale.shape))
+        if ctx.needs_input_grad[2]:
+            grad_zero = g_v.sum_to_size(zero.shape) - (grad * scale).sum_to_size(zero.shape)
+        return grad_x, grad_scale, grad_zero, None
+
+
 def fake_quant(x, scale, zero, qmax):
     """Asymmetric uniform quantize-dequantize; scale, zero, qmax broadcast against x. The zero-point
     is used as given: activations round theirs to an integer, weights keep a real one, which lets a
     1-bit channel take the two levels {lo, hi} instead of {0, hi}."""
-    q = torch.clamp(round_ste(x / scale + zero), torch.zeros_like(qmax), qmax)
-    return (q - zero) * scale
+    qmax = torch.as_tensor(qmax, dtype=x.dtype, device=x.device)
+    return FakeQuant.apply(x, scale, torch.as_tensor(zero, dtype=x.dtype, device=x.device), qmax)
 
 
 def quant_int(x, scale, zero, qmax):
@@ -198,7 +231,7 @@ class QuantLayer(nn.Module):
         qmax = 2.0 ** self.abits - 1
         if torch.is_grad_enabled():
             x = x / smooth if self.smoothed else x
-            return fake_quant(x, scale, round_ste(self.a_zero[self.step]), torch.tensor(qmax, device=x.device))
+            return fake_quant(x, scale, round_ste(self.a_zero[self.step]), qmax)
         # sampling: the same arithmetic in place on a scratch tensor (round_ste's forward value is
         # exactly round(): r - v is exact when r = round(v), so (r - v) + v == r)
         out = scratch_like(x)
