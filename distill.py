@@ -5,6 +5,7 @@ weights quantized once) that sample.py reads.
     python distill.py --qckpt runs/quant/w2a4_omq.pt                 # MPQ-DM (MSE + TRD)
     python distill.py --qckpt runs/quant/w2a4_uniform.pt --trd off   # EfficientDM-style baseline
     python distill.py --qckpt ... --resume                           # continue a killed run
+    torchrun --nproc_per_node 4 distill.py --qckpt ...               # the same run on 4 GPUs (DDP)
 
 Each iteration runs --batch-size full-precision DDIM trajectories (random classes, guidance) and
 makes one update per sampling step: the quantized model predicts eps for the same (x_t, t, context)
@@ -18,6 +19,11 @@ Relation maps come from the output features of --feature-block (default: the las
 before the final norm and conv). In the window mean the earlier steps' quantized features enter
 detached (their update is done) and the current step's stay in the graph, so the relation term
 sends a gradient into the quantized model (the official code detaches them all).
+
+Under torchrun each of the N processes runs batch-size / N of every iteration's trajectories (the
+same ones a single process runs: a trajectory is fixed by the seed and its index) and
+DistributedDataParallel averages the gradients, so each update is the single-process update; rank 0
+alone writes the checkpoints, the resume state and the report.
 
 Reductions: MSE is the mean over elements; the KL is summed over each relation row's distribution
 and averaged over rows and samples, so neither scale depends on batch or image size. The official
@@ -44,11 +50,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.cli import (add_trust_flag, auto_or, check_device, check_finite, check_output, exit_on_interrupt,
-                        finite_float, load_resume_state, nonneg_float, plain_args, positive_float, positive_int)
-from models.safe_load import allow_pickle
+                        finite_float, init_distributed, load_resume_state, nonneg_float, plain_args, positive_float,
+                        positive_int)
 from models.checkpoint import load_quant_model, quant_checkpoint, save_atomic, save_with_report, sha256_file, write_packed
 from models.diffusion import DDIM, combine_guidance, is_guided
 from models.quant import quant_layers, refresh_weights, set_step
+from models.safe_load import allow_pickle
 from models.trajectory import HELD_OUT_SEED_OFFSET, eps_mse, fp_trajectory
 from models.trd import WindowSmoother, relation_kl
 
@@ -101,6 +108,10 @@ state_path = out_path.with_name(out_path.name + ".state.pt")
 if args.resume and not state_path.is_file():
     parser.error(f"--resume: no training state at {state_path}; run without --resume to start")
 exit_on_interrupt("distill.py (continue from its last state with --resume)")
+device, rank, world = init_distributed(device)  # torchrun: one process per GPU (gloo on the CPU)
+if args.batch_size % world:
+    parser.error(f"--batch-size {args.batch_size} must be divisible by the {world} processes: each runs an equal share "
+                 f"of every iteration's trajectories")
 torch.manual_seed(args.seed)
 t_start = time.time()
 
@@ -108,10 +119,13 @@ t_start = time.time()
 STATE_FORMAT = 4  # 1: trainable tensors named 'unet.*'; 2: one LoRA rate for all layers; 3: relation loss every step
 fingerprint = dict(state_format=STATE_FORMAT, qckpt_sha256=sha256_file(args.qckpt), **{k: getattr(args, k) for k in (
     "trd", "lam", "window", "trd_every", "mse_target", "temperature", "feature_block", "lora_rank", "lr_lora", "lr_mult", "freeze_w8a8", "lr_wq", "lr_act", "iters",
-    "batch_size", "guidance", "seed")})
+    "batch_size", "guidance", "seed")}, world_size=world)
 if args.resume:
     state = load_resume_state(parser, state_path, fingerprint, {"qckpt_sha256": "the --qckpt file (it changed since)",
-                                                                "state_format": "an older version of distill.py"})
+                                                                "state_format": "an older version of distill.py",
+                                                                "world_size": "another number of processes (torchrun "
+                                                                              "--nproc_per_node)"},
+                              missing={"world_size": 1})
 
 # ---- load: the FP teacher and the quantized student
 try:
@@ -134,7 +148,8 @@ for m in trained.values():
     m.add_lora(args.lora_rank, lora_gen)
     m.recompute = args.recompute
 held_out_seed = args.seed + HELD_OUT_SEED_OFFSET
-mse_before = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size, held_out_seed, guidance, device)
+if rank == 0:  # the report's figure: one process computes it
+    mse_before = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size, held_out_seed, guidance, device)
 
 # ---- optimiser: LoRA, weight-quantizer scales (tiny lr), per-step activation parameters
 # LoRA rates per layer from that layer's own quantizer, so that a layer trains at the same rate
@@ -158,7 +173,12 @@ if args.resume:
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
     start_iter, history = state["iter"], state["history"]
-    print(f"resumed {state_path} at iteration {start_iter}/{args.iters}")
+    if rank == 0:
+        print(f"resumed {state_path} at iteration {start_iter}/{args.iters}")
+student = qmodel.unet
+if world > 1:  # averages the trainable parameters' gradients over the processes in backward
+    student = torch.nn.parallel.DistributedDataParallel(qmodel.unet, device_ids=[device] if device.type == "cuda" else None,
+                                                        broadcast_buffers=False)
 
 
 # ---- the relation loss on the feature block's output
@@ -201,20 +221,22 @@ def lap(phase=None):
 
 fp_model.unet.eval()
 qmodel.unet.train()
-bar = tqdm(total=args.iters, initial=start_iter, desc=f"distill ({'MSE+TRD' if args.trd == 'on' else 'MSE'})")
+bar = tqdm(total=args.iters, initial=start_iter, desc=f"distill ({'MSE+TRD' if args.trd == 'on' else 'MSE'})",
+           disable=rank != 0)
 t_train = time.time()
 for it in range(start_iter, args.iters):
     # trajectories of this iteration are fixed by (seed, index): a resumed run redraws the same ones
-    ids = range(it * args.batch_size, (it + 1) * args.batch_size)
+    share = args.batch_size // world  # this process's part of the iteration's trajectories
+    ids = range(it * args.batch_size + rank * share, it * args.batch_size + (rank + 1) * share)
     smooth_fp, smooth_q = WindowSmoother(args.window), WindowSmoother(args.window)
-    loss_trd = torch.zeros(())
+    loss_trd = torch.zeros((), device=device)
     lap()
     for i, inputs, out_fp in fp_trajectory(fp_model, ddim, ids, args.seed, guidance, device):  # fp_feat: its features
         lap("teacher")
         refresh_weights(qmodel.unet)  # fake-quantize the weights once for this update
         set_step(qmodel.unet, i)
         lap("weight refresh")
-        out_q = qmodel.unet(*inputs)
+        out_q = student(*inputs)
         lap("student forward")
         if mse_guided:
             loss_mse = F.mse_loss(combine_guidance(out_q, guidance), combine_guidance(out_fp, guidance))
@@ -225,7 +247,11 @@ for it in range(start_iter, args.iters):
         if i in relation_steps:
             loss_trd = relation_kl(*feats, args.temperature)
             loss = loss + lam * loss_trd
-        if not torch.isfinite(loss):
+        finite = torch.isfinite(loss.detach())
+        if world > 1:  # every process stops together
+            finite = finite.float()
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not finite:
             raise SystemExit(f"error: the loss is {loss.item()} at iteration {it + 1}, step {i + 1}; stopped, nothing "
                              f"was written. Lower the learning rates, or check --temperature and --guidance")
         lap("losses")
@@ -235,16 +261,25 @@ for it in range(start_iter, args.iters):
         opt.step()
         sched.step()
         lap("optimizer")
-    history.append(dict(iter=it + 1, mse=loss_mse.item(), trd=loss_trd.item()))
+    logged = torch.stack([loss_mse.detach(), loss_trd.detach()])
+    if world > 1:  # the mean over all trajectories, as one process logs it
+        torch.distributed.all_reduce(logged)
+        logged /= world
+    mse_logged, trd_logged = logged.tolist()
+    history.append(dict(iter=it + 1, mse=mse_logged, trd=trd_logged))
     bar.update()
-    bar.set_postfix(mse=f"{loss_mse.item():.5f}", trd=f"{loss_trd.item():.5f}")
-    if (it + 1) % args.ckpt_every == 0 and it + 1 < args.iters:
+    bar.set_postfix(mse=f"{mse_logged:.5f}", trd=f"{trd_logged:.5f}")
+    if (it + 1) % args.ckpt_every == 0 and it + 1 < args.iters and rank == 0:
         trainable = {k: v for k, v in qmodel.unet.state_dict().items()
                      if k.endswith(("lora_A", "lora_B", "w_scale", "a_scale", "a_zero"))}
         save_atomic(dict(fingerprint=fingerprint, iter=it + 1, trainable=trainable,
                          opt=opt.state_dict(), sched=sched.state_dict(), history=history, args=plain_args(args)), state_path)
 bar.close()
 seconds_train, updates_run = time.time() - t_train, (args.iters - start_iter) * ddim.steps
+if world > 1:  # the trained parameters are the same in every process: rank 0 checks and writes the result
+    torch.distributed.destroy_process_group()
+    if rank != 0:
+        raise SystemExit(0)
 
 # ---- merge LoRA into the weights, quantize once, check and save
 qmodel.unet.eval().requires_grad_(False)

@@ -23,7 +23,6 @@ of ranks; under torchrun, rank r samples images r, r + world, ... of each shard 
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -33,13 +32,13 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from models.safe_load import allow_pickle
 from models.checkpoint import load_sampling_model, save_atomic, sha256_file
 from models.cli import (add_trust_flag, check_device, check_finite, check_folder, check_steps, exit_on_interrupt,
-                        finite_float, int_list, load_resume_state, nonneg_float, plain_args, positive_int)
+                        finite_float, init_distributed, int_list, load_resume_state, nonneg_float, plain_args, positive_int)
 from models.diffusion import DDIM, ddim_sample, randn_per_sample, sample_generators, to_uint8
 from models.digits import DEFAULT_CHECKPOINT
 from models.npz import NpzArray, write_npz
+from models.safe_load import allow_pickle
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", type=Path, default=DEFAULT_CHECKPOINT, help="default: the embedded digits model")
@@ -62,7 +61,6 @@ parser.add_argument("--force", action="store_true", help="replace the images of 
 add_trust_flag(parser)
 args = parser.parse_args()
 allow_pickle(args.trust_checkpoint)
-world = int(os.environ.get("WORLD_SIZE", "1"))
 if args.steps is not None:
     check_steps(parser, args.steps)
 device = check_device(parser, args.device)
@@ -83,13 +81,7 @@ check_folder(parser, args.out)
 exit_on_interrupt("sample.py (finished shards are kept: continue with --resume)")
 
 # ---- distributed: one process per device under torchrun, else a single process
-rank = 0
-if world > 1:
-    if device.type == "cuda":  # each rank its own GPU, before NCCL binds to the current one
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank()
+device, rank, world = init_distributed(device)
 
 # ---- load
 try:

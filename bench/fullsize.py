@@ -155,9 +155,10 @@ rows = []
 env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
-def stage(name, script, *script_args):
-    """Runs one script; returns (wall seconds, peak GiB, kind of peak, its stdout)."""
-    cmd = [sys.executable, str(ROOT / script), *map(str, script_args)]
+def stage(name, script, *script_args, launcher=()):
+    """Runs one script (under `launcher`, e.g. torch.distributed.run); returns (wall seconds, peak GiB,
+    kind of peak, its stdout)."""
+    cmd = [sys.executable, *launcher, str(ROOT / script), *map(str, script_args)]
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -197,6 +198,19 @@ for b in batches:
     rows.append((f"distill, batch {b}, rank {args.lora_rank}" + (", --recompute" if args.recompute else ""),
                  f"{info['updates_run']} updates", sec, peak, f"{per_update[b]:.2f} s per update"))
 distill_peaks = {b: r[3] for b, r in zip(batches, rows[1:])}
+n_gpus = torch.cuda.device_count() if cuda else 1
+if n_gpus > 1:  # the same updates on every GPU of the machine (torchrun, DDP): the paper's batch 4 when it divides
+    b = 4 if 4 % n_gpus == 0 else n_gpus
+    info_path = out / f"w{args.wbits}a4_omq_trd_b{b}_{n_gpus}gpus.pt"
+    sec, peak, kind, _ = stage(f"distill batch {b}, {n_gpus} GPUs", "distill.py", "--qckpt", qckpt, "--lora-rank",
+                               args.lora_rank, "--batch-size", b, "--iters", 1, "--eval-samples", 1, "--out", info_path,
+                               *(["--recompute"] if args.recompute else []), *dev,
+                               launcher=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n_gpus)])
+    info = json.loads(info_path.with_suffix(".json").read_text())
+    per_update_n = info["seconds_train"] / info["updates_run"]
+    rows.append((f"distill, batch {b}, rank {args.lora_rank}, {n_gpus} GPUs (torchrun)", f"{info['updates_run']} updates",
+                 sec, peak, f"{per_update_n:.2f} s per update"
+                 + (f" ({per_update[b] / per_update_n:.2f}x one GPU's)" if b in per_update else "")))
 
 samples = out / "samples"
 sec, peak, kind, _ = stage("sample", "sample.py", "--ckpt", dckpt, "--num-images", num_images, "--batch-size",

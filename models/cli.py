@@ -101,6 +101,22 @@ def check_device(parser, name):
     return device
 
 
+def init_distributed(device):
+    """Under torchrun (WORLD_SIZE > 1): joins the process group (NCCL on GPUs, gloo on the CPU), each
+    rank on its own GPU from LOCAL_RANK. Returns (device, rank, world size); (device, 0, 1) in a plain
+    run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return device, 0, 1
+    import torch.distributed as dist
+
+    if device.type == "cuda":  # each rank its own GPU, before NCCL binds to the current one
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), world
+
+
 def check_folder(parser, folder, flag="--out"):
     """Creates the folder (and its parents) now, so that a bad path fails before the work."""
     folder = Path(folder)
@@ -136,17 +152,18 @@ def check_steps(parser, steps, train_timesteps=1000, flag="--steps"):
         parser.error(f"{flag}: {e}")
 
 
-def load_resume_state(parser, state_path, fingerprint, labels=None):
+def load_resume_state(parser, state_path, fingerprint, labels=None, missing=None):
     """The training state at state_path, if it was made with the same settings (fingerprint: every
     setting that shapes the run); otherwise a parser error naming each setting that differs.
-    labels: how to name a key that is not an option (e.g. an input file's hash)."""
+    labels: how to name a key that is not an option (e.g. an input file's hash); missing: the value
+    of a key that states written before it existed stand for."""
     from models.checkpoint import load_file
 
     try:
         state = load_file(state_path)
     except (FileNotFoundError, ValueError) as e:
         parser.error(f"--resume: {e}")
-    old = (state.get("fingerprint") or {}) if isinstance(state, dict) else {}
+    old = {**(missing or {}), **((state.get("fingerprint") or {}) if isinstance(state, dict) else {})}
     if differ := [k for k in fingerprint if old.get(k) != fingerprint[k]]:
         labels = labels or {}
         what = ", ".join(labels.get(k) or f"--{k.replace('_', '-')} {old.get(k)} (now {fingerprint[k]})" for k in differ)
