@@ -19,15 +19,15 @@ import torch
 from tqdm import tqdm
 
 from models.allocate import calibrate_layer
-from models.calibration import layer_inputs, unet_inputs_per_step
+from models.calibration import calibration_groups, layer_inputs, unet_inputs_per_step
 from models.cli import (add_trust_flag, check_device, check_finite, check_output, check_steps, exit_on_interrupt,
                         finite_float, nonneg_float, positive_float, positive_int)
-from models.safe_load import allow_pickle
 from models.checkpoint import fp_reference, load_fp_model, quant_checkpoint, save_with_report, write_packed
 from models.diffusion import DDIM
 from models.digits import DEFAULT_CHECKPOINT
 from models.qmodel import build_quant_model
 from models.quant import quant_layers, refresh_weights
+from models.safe_load import allow_pickle
 from models.trajectory import HELD_OUT_SEED_OFFSET, eps_mse
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,8 +103,10 @@ qmodel = build_quant_model(model, settings)
 qlayers = quant_layers(qmodel.unet)
 report = {}
 random_channels = torch.Generator().manual_seed(args.seed)  # --method random: its draws, layer after layer
+groups = calibration_groups(model, calib, list(qlayers), args.calib_mem_gb * 2 ** 30, device)
+print(f"recording the layers' inputs in {len(groups)} group{'s' * (len(groups) > 1)} within --calib-mem-gb {args.calib_mem_gb:g}")
 bar = tqdm(total=len(qlayers), desc=f"calibrate ({args.method}, W{args.wbits}A{args.abits})")
-for name, inputs in layer_inputs(model, calib, list(qlayers), args.calib_mem_gb * 2 ** 30, device):
+for name, inputs in layer_inputs(model, calib, groups, device):
     t_layer = time.time()
     report[name] = calibrate_layer(qlayers[name], inputs, args.method, smooth_alphas, args.group_frac, random_channels)
     report[name]["seconds"] = time.time() - t_layer

@@ -46,11 +46,10 @@ def _record(model, calib, names, device, keep=lambda x: x.detach()):
     return store
 
 
-def layer_inputs(model, calib, names, mem_bytes, device):
-    """Yields (name, {step: that layer's FP input}) for the named UNet layers, in order. The inputs
-    are recorded a group of layers at a time, each group as large as fits in mem_bytes (measured by
-    one dry run on a single input), so that a 400 M-parameter UNet's activations over every step
-    are never all held at once."""
+def calibration_groups(model, calib, names, mem_bytes, device):
+    """The named UNet layers in groups, each as large as fits in mem_bytes of recorded inputs
+    (measured by one dry run on a single input), so that a 400 M-parameter UNet's activations over
+    every step are never all held at once."""
     x0, t0, c0 = calib[0]
     dry = _record(model, {0: (x0[:1], t0[:1], None if c0 is None else c0[:1])}, names, device, keep=lambda x: x.numel())
     rows = sum(len(x) for x, _, _ in calib.values())
@@ -62,7 +61,12 @@ def layer_inputs(model, calib, names, mem_bytes, device):
             group, used = [], 0
         group.append(n)
         used += need[n]
-    groups.append(group)
+    return groups + [group]
+
+
+def layer_inputs(model, calib, groups, device):
+    """Yields (name, {step: that layer's FP input}) for the layers of calibration_groups(), in
+    order: the inputs of one group at a time, recorded by running every calibration input again."""
     for group in groups:
         store = _record(model, calib, group, device)
         for n in group:

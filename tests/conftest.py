@@ -1,5 +1,7 @@
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,18 @@ def run_script(script, *args, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def kill_when(proc, ready, timeout=300):
+    """SIGKILLs proc as soon as ready() holds (polled every 5 ms: a file the test needs was written),
+    or when it ends or the timeout passes; the caller asserts what it needs of the files left. The
+    runs killed this way have several iterations or shards left after ready() holds, so the kill
+    lands before they finish."""
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def random_digits_model(seed=0):

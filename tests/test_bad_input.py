@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import QUICK, ROOT
+from tests.conftest import QUICK, ROOT, kill_when
 
 HELPER = r"""
 import contextlib, io, json, os, runpy, sys, traceback, warnings
@@ -50,11 +50,7 @@ def killed_distill_state(qckpt, out):
     proc = subprocess.Popen([sys.executable, "distill.py", "--qckpt", str(qckpt), "--out", str(out),
                              *map(str, QUICK_DISTILL), "--ckpt-every", "1"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, state.exists)
     assert state.exists() and not out.exists()
     return state
 

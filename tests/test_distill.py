@@ -1,9 +1,7 @@
 """distill.py and models/trd.py: the relation loss trains, resume is exact, merging is exact."""
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -12,7 +10,7 @@ from models.quant import quant_layers, refresh_weights, set_step
 from models.trajectory import fp_trajectory
 from models.diffusion import DDIM
 from models.trd import WindowSmoother, relation_kl
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, kill_when, run_script
 
 QUICK_DISTILL = ["--iters", 3, "--batch-size", 2, "--eval-samples", 2, "--lora-rank", 2, "--ckpt-every", 1]
 
@@ -82,19 +80,16 @@ def test_window_smoother_means_the_window_and_keeps_only_the_current_step_in_the
 
 
 def test_resume_after_kill_reproduces_the_uninterrupted_run(quant_ckpts, tmp_path):
+    flags = [*QUICK_DISTILL[2:], "--iters", 6]  # 5 iterations left after the first state: the kill lands before the end
     straight = tmp_path / "straight.pt"
-    run_script("distill.py", "--qckpt", quant_ckpts["omq"], "--out", straight, *QUICK_DISTILL)
+    run_script("distill.py", "--qckpt", quant_ckpts["omq"], "--out", straight, *flags)
     resumed = tmp_path / "resumed.pt"
     state = tmp_path / "resumed.pt.state.pt"
     proc = subprocess.Popen([sys.executable, "distill.py", "--qckpt", quant_ckpts["omq"], "--out", resumed,
-                             *map(str, QUICK_DISTILL)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+                             *map(str, flags)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(proc, state.exists)
     assert state.exists() and not resumed.exists(), "the run was not interrupted between checkpoints"
-    out = run_script("distill.py", "--qckpt", quant_ckpts["omq"], "--out", resumed, *QUICK_DISTILL, "--resume")
+    out = run_script("distill.py", "--qckpt", quant_ckpts["omq"], "--out", resumed, *flags, "--resume")
     assert "resumed" in out.stdout
     a = torch.load(straight, weights_only=False)
     b = torch.load(resumed, weights_only=False)
@@ -222,3 +217,30 @@ def test_mse_matches_the_guided_eps_by_default(quant_ckpts, tmp_path):
         layers[target] = quant_layers(load_quant_model(out)[1].unet)
     assert reports["guided"]["mse_target"] == "guided" and reports["guided"]["lam"] == 2 * reports["halves"]["lam"] == 200
     assert any(not torch.equal(q.layer.weight, layers["halves"][n].layer.weight) for n, q in layers["guided"].items())
+
+
+def test_fake_quant_node_has_the_spelled_out_straight_through_gradients():
+    """models.quant.FakeQuant against the quantizer written out in autograd (round_ste, torch.clamp
+    with tensor bounds): the same values, and in float64 the same gradients for x, the scale and
+    the zero-point, per output channel (weights, mixed bit-widths) and per tensor (activations)."""
+    from models.quant import fake_quant, round_ste
+
+    def spelled_out(x, scale, zero, qmax):
+        q = torch.clamp(round_ste(x / scale + zero), torch.zeros_like(qmax), qmax)
+        return (q - zero) * scale
+
+    g = torch.Generator().manual_seed(0)
+    d = dict(dtype=torch.float64)
+    weight = (torch.randn(16, 8, 3, 3, generator=g, **d), torch.rand(16, 1, 1, 1, generator=g, **d) * 0.3 + 0.05,
+              torch.rand(16, 1, 1, 1, generator=g, **d) * 3, 2.0 ** torch.randint(1, 4, (16, 1, 1, 1), generator=g).double() - 1)
+    act = (torch.randn(4, 8, 5, 5, generator=g, **d) * 2, torch.tensor(0.3, **d), torch.tensor(7.0, **d), torch.tensor(15.0, **d))
+    for x, scale, zero, qmax in (weight, act):
+        leaves = [t.clone().requires_grad_() for t in (x, scale, zero)]
+        upstream = torch.randn(x.shape, generator=g, **d)
+        ours = fake_quant(*leaves, qmax)
+        want = spelled_out(*leaves, qmax)
+        assert torch.equal(ours, want)
+        r = (x / scale + zero).round()
+        assert ((r == 0) | (r == qmax)).any() and ((r < 0) | (r > qmax)).any()  # ties and clipping both occur
+        for a, b in zip(torch.autograd.grad(ours, leaves, upstream), torch.autograd.grad(want, leaves, upstream)):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)

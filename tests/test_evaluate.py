@@ -4,6 +4,7 @@ import sys
 from collections import OrderedDict
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
@@ -137,7 +138,7 @@ def test_inception_figures_equal_clean_fids_own_pipeline_and_a_direct_is(tmp_pat
     weights = tmp_path / "inception-2015-12-05.pt"
     torch.jit.script(StandInInception()).save(str(weights))
     fake_dir, fake = image_folder(tmp_path / "fake", 60, 40.0, 1)
-    real_dir, _ = image_folder(tmp_path / "real", 50, 10.0, 2)
+    real_dir, real = image_folder(tmp_path / "real", 50, 10.0, 2)
     fids = {}
     for mode in ("legacy_tensorflow", "clean"):
         out = tmp_path / f"{mode}.json"
@@ -165,6 +166,21 @@ def test_inception_figures_equal_clean_fids_own_pipeline_and_a_direct_is(tmp_pat
     assert r["is_splits"] == 10
     assert abs(r["is"] - np.mean(scores)) < 1e-5 and abs(r["is_std"] - np.std(scores)) < 1e-5
     assert abs(r["is"] - 1.0) > 1e-3  # a second softmax would flatten the probabilities to IS ~ 1
+
+    # sFID: ADM's slice, the first 7 channels of mixed_6/conv in HWC order, of the network's own
+    # normalised 299 x 299 input (legacy mode resizes inside the network), against scipy's Frechet distance
+    def mixed_6_conv_slice(images):
+        x = nn.functional.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2).float(), size=(299, 299),
+                                      mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            h = net.layers.pool0(net.layers.conv((x - 128) / 128))
+            return net.layers.mixed_6.conv(h)[:, :7].permute(0, 2, 3, 1).flatten(1).double().numpy()
+
+    from scipy import linalg
+    a, b = mixed_6_conv_slice(fake), mixed_6_conv_slice(real)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    want = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert r["sfid"] == pytest.approx(want, rel=1e-3)
 
 
 def test_reference_batch_saved_from_a_folder_scores_like_the_folder(tmp_path):
