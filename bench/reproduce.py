@@ -4,7 +4,7 @@ learning-rate search for every arm, controls of OMQ's parts and a training-budge
 Markdown tables, a JSON file holding every run's figures, the budget curve as a PNG and the sample
 grids side by side. Finished runs are kept in the JSON and skipped (delete --out to start over).
 
-    python bench/reproduce.py --bits 2 --cells fp,baseline,mpqdm                 # the README's main job
+    python bench/reproduce.py --bits 2 --cells fp,baseline,mpqdm --jobs 2        # the README's main job
     python bench/reproduce.py --sweep --jobs 2                                    # the W2A4 seed sweep
 
 Cells (method = how the weights are quantized, distillation = what fine-tunes them):
@@ -17,6 +17,11 @@ Cells (method = how the weights are quantized, distillation = what fine-tunes th
     smooth    uniform bits + OMQ's smoothing search (no split)
     nosmooth  OMQ's kurtosis split without smoothing
     random    OMQ's smoothing and its numbers of n+1 / n-1 channels per layer, on random channels
+
+Learning rates: without --lr-search or --lr-mult, every distilled cell runs at the LoRA learning-rate
+multiplier that the committed search chose for it (the lowest held-out eps MSE in
+bench/results/w<n>a<m>_sweep.json at this number of updates), and at x1 (the official rule) where that
+file has none; each run's multiplier and its source are printed (--plan prints only them).
 
 Seeds: a training seed s sets calibration (quantize.py --seed s) and distillation (distill.py --seed s,
 its LoRA init and trajectories); the eps-MSE checks use s + 10000. The evaluation images use
