@@ -44,11 +44,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models.safe_load import UnsafeCheckpointError, allow_pickle
 from models.checkpoint import load_classifier
 from models.cli import add_trust_flag, check_device, check_output, exit_on_interrupt, positive_int
 from models.digits import DEFAULT_CLASSIFIER, load_digits
 from models.npz import NpzArray, npz_members, write_npz
+from models.safe_load import UnsafeCheckpointError, allow_pickle
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's weights file name
 INCEPTION_CACHE = Path("/tmp")  # the folder where clean-fid itself keeps it (Linux/macOS)

@@ -21,12 +21,12 @@ from tqdm import tqdm
 
 from models.cli import (add_trust_flag, check_folder, check_output, exit_on_interrupt, finite_float, load_resume_state,
                         plain_args, positive_float, positive_int, unit_float)
-from models.safe_load import allow_pickle
 from models.checkpoint import classifier_checkpoint, fp_checkpoint, load_classifier, save_atomic
 from models.classifier import DigitClassifier
 from models.diffusion import DDIM, ddim_sample, randn_per_sample, sample_generators
 from models.digits import DEFAULT_CLASSIFIER, DIGITS_CONFIG, load_digits, to_model_range
 from models.ldm import DiffusionModel
+from models.safe_load import allow_pickle
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--net", choices=["unet", "classifier"], default="unet")
