@@ -83,6 +83,9 @@ parser.add_argument("--iters", type=positive_int, default=40, help="iterations (
 parser.add_argument("--batch-size", type=positive_int, default=16, help="trajectories per iteration")
 parser.add_argument("--guidance", type=finite_float, default=None, help="default: the one used by quantize.py")
 parser.add_argument("--eval-samples", type=positive_int, default=64, help="held-out trajectories for the eps-MSE check")
+parser.add_argument("--eval-every", type=int, default=0,
+                    help="also measure the held-out eps MSE every this many iterations, into the history (0: only "
+                         "before and after; it follows training, so it is the unmerged model, before float16 rounding)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--pack", action="store_true", help="also write <out>.packed.pt: weights bit-packed at their bit-widths")
 parser.add_argument("--recompute", action="store_true",
@@ -100,6 +103,8 @@ add_trust_flag(parser)
 args = parser.parse_args()
 allow_pickle(args.trust_checkpoint)
 device = check_device(parser, args.device)
+if args.eval_every < 0:
+    parser.error(f"--eval-every must be 0 (off) or a number of iterations, got {args.eval_every}")
 if not args.qckpt.is_file():
     parser.error(f"--qckpt: no checkpoint at {args.qckpt}; run quantize.py first")
 out_path = check_output(parser, args.out or args.qckpt.with_name(f"{args.qckpt.stem}_{'trd' if args.trd == 'on' else 'mse'}.pt"),
@@ -230,6 +235,7 @@ for it in range(start_iter, args.iters):
     ids = range(it * args.batch_size + rank * share, it * args.batch_size + (rank + 1) * share)
     smooth_fp, smooth_q = WindowSmoother(args.window), WindowSmoother(args.window)
     loss_trd = torch.zeros((), device=device)
+    mse_sum = torch.zeros((), device=device)  # over the iteration's updates: the training MSE the history logs
     lap()
     for i, inputs, out_fp in fp_trajectory(fp_model, ddim, ids, args.seed, guidance, device):  # fp_feat: its features
         lap("teacher")
@@ -254,6 +260,7 @@ for it in range(start_iter, args.iters):
         if not finite:
             raise SystemExit(f"error: the loss is {loss.item()} at iteration {it + 1}, step {i + 1}; stopped, nothing "
                              f"was written. Lower the learning rates, or check --temperature and --guidance")
+        mse_sum += loss_mse.detach()
         lap("losses")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -261,12 +268,17 @@ for it in range(start_iter, args.iters):
         opt.step()
         sched.step()
         lap("optimizer")
-    logged = torch.stack([loss_mse.detach(), loss_trd.detach()])
+    logged = torch.stack([loss_mse.detach(), loss_trd.detach(), mse_sum / ddim.steps])
     if world > 1:  # the mean over all trajectories, as one process logs it
         torch.distributed.all_reduce(logged)
         logged /= world
-    mse_logged, trd_logged = logged.tolist()
-    history.append(dict(iter=it + 1, mse=mse_logged, trd=trd_logged))
+    mse_logged, trd_logged, mse_mean = logged.tolist()
+    history.append(dict(iter=it + 1, mse=mse_logged, trd=trd_logged, mse_mean=mse_mean))
+    if args.eval_every > 0 and (it + 1) % args.eval_every == 0 and rank == 0:
+        with torch.no_grad():
+            refresh_weights(qmodel.unet)  # the weights after this iteration's last update
+            history[-1]["eps_mse_held_out"] = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size,
+                                                      held_out_seed, guidance, device)
     bar.update()
     bar.set_postfix(mse=f"{mse_logged:.5f}", trd=f"{trd_logged:.5f}")
     if (it + 1) % args.ckpt_every == 0 and it + 1 < args.iters and rank == 0:

@@ -244,3 +244,17 @@ def test_fake_quant_node_has_the_spelled_out_straight_through_gradients():
         assert ((r == 0) | (r == qmax)).any() and ((r < 0) | (r > qmax)).any()  # ties and clipping both occur
         for a, b in zip(torch.autograd.grad(ours, leaves, upstream), torch.autograd.grad(want, leaves, upstream)):
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_eval_every_logs_the_held_out_error_without_changing_the_run(quant_ckpts, tmp_path):
+    run_script("distill.py", "--qckpt", quant_ckpts["omq"], "--out", tmp_path / "plain.pt", *QUICK_DISTILL)
+    run_script("distill.py", "--qckpt", quant_ckpts["omq"], "--out", tmp_path / "eval.pt", *QUICK_DISTILL, "--eval-every", 1)
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("plain", "eval"))
+    for k, v in a["unet_state_dict"].items():
+        assert torch.equal(v, b["unet_state_dict"][k]), k  # measuring does not touch training
+    assert [{k: v for k, v in h.items() if k != "eps_mse_held_out"} for h in b["history"]] == a["history"]
+    held_out = [h["eps_mse_held_out"] for h in b["history"]]
+    assert len(held_out) == 3 and "eps_mse_held_out" not in a["history"][0]
+    # the last one is the final model's figure before LoRA merging and float16 rounding of the quantizer parameters
+    assert abs(held_out[-1] - b["eps_mse"]) <= 0.05 * b["eps_mse"]
+    assert all(h["mse_mean"] > 0 for h in b["history"])
