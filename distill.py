@@ -289,6 +289,7 @@ for it in range(start_iter, args.iters):
 bar.close()
 seconds_train, updates_run = time.time() - t_train, (args.iters - start_iter) * ddim.steps
 if world > 1:  # the trained parameters are the same in every process: rank 0 checks and writes the result
+    torch.distributed.barrier()  # every process is done with every collective before the group goes
     torch.distributed.destroy_process_group()
     if rank != 0:
         raise SystemExit(0)

@@ -22,9 +22,16 @@ def torchrun(*args, nproc=2, **kw):
                             env=ONE_THREAD, **kw)
 
 
-def finished(proc):
+def torchrun_finished(*args):
+    """torchrun(...) to completion. Once in about eight runs here a gloo worker aborted (SIGABRT) with
+    nothing in its own output; such a launch is run once more (the run is deterministic, so the
+    result is the same), anything else fails at once."""
+    proc = torchrun(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, (out or b"")[-2000:] + (err or b"")[-3000:]
+    if proc.returncode != 0 and b"SIGABRT" in err:
+        proc = torchrun(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
 
 
 def one_and_two_processes(qckpt, tmp_path, *flags):
@@ -32,7 +39,7 @@ def one_and_two_processes(qckpt, tmp_path, *flags):
     one = subprocess.run([sys.executable, "distill.py", "--qckpt", str(qckpt), "--out", str(tmp_path / "one.pt"),
                           *map(str, flags)], cwd=ROOT, env=ONE_THREAD, capture_output=True)
     assert one.returncode == 0, one.stderr[-3000:]
-    finished(torchrun("--qckpt", qckpt, "--out", tmp_path / "two.pt", *flags, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    torchrun_finished("--qckpt", qckpt, "--out", tmp_path / "two.pt", *flags)
     return trained(tmp_path / "one.pt"), trained(tmp_path / "two.pt")
 
 
@@ -119,8 +126,7 @@ def test_killed_torchrun_run_resumes_to_the_uninterrupted_one(quant_ckpts, defau
     # a different number of processes is refused: the state was made with 2
     proc = run_script("distill.py", "--qckpt", quant_ckpts["omq"], "--out", out, *FLAGS, "--resume", check=False)
     assert proc.returncode == 2 and "another number of processes" in proc.stderr
-    finished(torchrun("--qckpt", quant_ckpts["omq"], "--out", out, *FLAGS, "--resume",
-                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    torchrun_finished("--qckpt", quant_ckpts["omq"], "--out", out, *FLAGS, "--resume")
     (a, ha), (b, hb) = trained(straight), trained(out)
     for k in a:
         assert torch.equal(a[k], b[k]), k
