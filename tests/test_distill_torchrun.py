@@ -28,7 +28,7 @@ def torchrun_finished(*args):
     result is the same), anything else fails at once."""
     proc = torchrun(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=600)
-    if proc.returncode != 0 and b"SIGABRT" in err:
+    if proc.returncode != 0 and b"SIGABRT" in out + err:
         proc = torchrun(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-2000:] + err[-3000:]
