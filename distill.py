@@ -277,8 +277,10 @@ for it in range(start_iter, args.iters):
     if args.eval_every > 0 and (it + 1) % args.eval_every == 0 and rank == 0:
         with torch.no_grad():
             refresh_weights(qmodel.unet)  # the weights after this iteration's last update
-            history[-1]["eps_mse_held_out"] = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size,
-                                                      held_out_seed, guidance, device)
+            parts = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size, held_out_seed, guidance, device,
+                            parts=True)
+            history[-1]["eps_mse_held_out"] = parts.pop("both")
+            history[-1].update({f"eps_mse_held_out_{k}": v for k, v in parts.items()})  # guided, and each half
     bar.update()
     bar.set_postfix(mse=f"{mse_logged:.5f}", trd=f"{trd_logged:.5f}")
     if (it + 1) % args.ckpt_every == 0 and it + 1 < args.iters and rank == 0:

@@ -12,6 +12,13 @@ labels: the class of each image, -1 if none), <out>/images/<index>.png (unless -
     python sample.py --ckpt model.ckpt --config cin256-v2 --num-images 50000 --guidance 3.0 --no-png
     torchrun --nproc_per_node 8 sample.py --ckpt ... --num-images 50000   # each rank samples its share
     python sample.py ... --resume                      # continue a killed run: finished shards are kept
+    python sample.py --ckpt runs/quant/w2a4_omq_trd.pt --kernels int8   # integer kernels (CPU)
+
+--kernels int8 runs every quantized conv/linear on the CPU's int8 kernels (models/int8.py): uint8
+activation codes times int8 weight codes, the weights held only as prepacked int8. Each layer equals
+its fake-quant float computation to float rounding; across a whole sampling chain those last-bit
+differences flip a few activation codes at rounding boundaries, so images differ from the float path's
+as they would under any float-rounding change (docs/int8.md).
 
 Images are made in shards of --shard-size, each written to <out>/shards/ as soon as it is done, so
 memory is bounded by a shard and a killed run loses at most the shard in progress; at the end the
@@ -37,6 +44,7 @@ from models.cli import (add_trust_flag, check_device, check_finite, check_folder
                         finite_float, init_distributed, int_list, load_resume_state, nonneg_float, plain_args, positive_int)
 from models.diffusion import DDIM, ddim_sample, randn_per_sample, sample_generators, to_uint8
 from models.digits import DEFAULT_CHECKPOINT
+from models.int8 import convert_to_int8, int8_unavailable
 from models.npz import NpzArray, write_npz
 from models.safe_load import allow_pickle
 
@@ -56,6 +64,8 @@ parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else
 parser.add_argument("--out", type=Path, default=Path("runs/samples"))
 parser.add_argument("--shard-size", type=positive_int, default=1000, help="images per shard (written as it is done)")
 parser.add_argument("--no-png", action="store_true", help="write no per-image PNGs (samples.npz and grid.png only)")
+parser.add_argument("--kernels", choices=("float", "int8"), default="float",
+                    help="quantized models: fake-quantized float layers, or the CPU's int8 kernels (models/int8.py)")
 parser.add_argument("--resume", action="store_true", help="continue a killed run in --out with the same settings")
 parser.add_argument("--force", action="store_true", help="replace the images of an earlier run in --out")
 add_trust_flag(parser)
@@ -96,6 +106,15 @@ if model.quant_settings is not None:  # activation parameters exist per step of 
     guidance = settings.get("guidance", 2.0) if args.guidance is None else args.guidance
     if steps != settings["steps"]:
         parser.error(f"this {kind} model was calibrated for {settings['steps']} DDIM steps, not {steps}")
+if args.kernels == "int8":
+    if model.quant_settings is None:
+        parser.error(f"--kernels int8 runs quantized layers; {args.ckpt} is a {kind} model")
+    if int8_unavailable(device):
+        parser.error(f"--kernels int8: {int8_unavailable(device)}")
+    counts = convert_to_int8(model)
+    if rank == 0:
+        print(f"int8 kernels: {counts['int8']} layers; in float: {counts['float_not_fitting']} whose codes do not fit "
+              f"the kernels, {counts['full_precision']} full-precision by design")
 ddim = DDIM(model.alphas_cumprod, steps=steps, eta=eta)
 if model.num_classes:
     classes = args.classes or list(range(model.num_classes))
@@ -106,13 +125,14 @@ else:
     labels = np.full(args.num_images, -1, dtype=np.int64)
 
 # ---- the run's settings: a resumed run must have the same (the shards it keeps were made with them)
-fingerprint = dict(ckpt_sha256=sha256_file(args.ckpt), config=args.config, num_images=args.num_images, steps=steps,
+fingerprint = dict(ckpt_sha256=sha256_file(args.ckpt), config=args.config, kernels=args.kernels, num_images=args.num_images, steps=steps,
                    eta=eta, guidance=guidance, classes=args.classes, seed=args.seed, shard_size=args.shard_size)
 shards = [range(start, min(start + args.shard_size, args.num_images))
           for start in range(0, args.num_images, args.shard_size)]
 shard_path = lambda s: shard_dir / f"shard_{s:06d}.npz"
 if args.resume:
-    load_resume_state(parser, state_path, fingerprint, {"ckpt_sha256": "the --ckpt file (it changed since)"})
+    load_resume_state(parser, state_path, fingerprint, {"ckpt_sha256": "the --ckpt file (it changed since)"},
+                      missing={"kernels": "float"})
 todo = [s for s in range(len(shards)) if not (args.resume and shard_path(s).is_file())]
 if world > 1:
     dist.barrier()  # every rank has looked at --out before rank 0 changes it

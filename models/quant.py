@@ -132,6 +132,8 @@ class QuantLayer(nn.Module):
     """mode 'quant': weights at `bits` per output channel, activations at abits (per step);
     'w8a8': 8-bit weights and activations (first/last conv, time embedding); 'fp': untouched."""
 
+    has_steps = True  # set_step tells it the sampling step
+
     def __init__(self, layer, mode, wbits, abits, n_steps):
         super().__init__()
         if mode not in MODES:
@@ -264,8 +266,11 @@ def quant_layers(module):
 
 
 def set_step(module, step):
-    for m in quant_layers(module).values():
-        m.step = step
+    """Tells every layer with per-step activation parameters (QuantLayer, models.int8.Int8Layer)
+    which DDIM step comes next."""
+    for m in module.modules():
+        if getattr(m, "has_steps", False):
+            m.step = step
 
 
 def refresh_weights(module):

@@ -45,12 +45,23 @@ def fp_trajectories(model, ddim, n, batch_size, seed, guidance, device):
 
 
 @torch.no_grad()
-def eps_mse(fp_model, q_model, ddim, n, batch_size, seed, guidance, device):
+def eps_mse(fp_model, q_model, ddim, n, batch_size, seed, guidance, device, parts=False):
     """One-step error of the quantized model: mean squared difference of its UNet output from the
-    FP model's on the FP trajectory's inputs, averaged over all steps and both guidance halves."""
-    err, count = 0.0, 0
+    FP model's on the FP trajectory's inputs, averaged over all steps and both guidance halves.
+    parts: a dict instead, with that mean ('both') and, for a guided model, the mean over each half
+    ('uncond', 'cond') and over the guided eps ('guided', what distill.py trains on by default)."""
+    guided = bool(fp_model.num_classes) and guidance != 1.0
+    sums = dict(both=0.0, uncond=0.0, cond=0.0, guided=0.0)
+    count = 0
     for i, inputs, out in fp_trajectories(fp_model, ddim, n, batch_size, seed, guidance, device):
         set_step(q_model.unet, i)
-        err += (q_model.unet(*inputs) - out).pow(2).sum().item()
+        q_out = q_model.unet(*inputs)
+        sums["both"] += (q_out - out).pow(2).sum().item()
         count += out.numel()
-    return err / count
+        if parts and guided:
+            for key, a, b in zip(("uncond", "cond"), q_out.chunk(2), out.chunk(2)):
+                sums[key] += (a - b).pow(2).sum().item()
+            sums["guided"] += (combine_guidance(q_out, guidance) - combine_guidance(out, guidance)).pow(2).sum().item()
+    if not parts:
+        return sums["both"] / count
+    return {k: v / (count if k == "both" else count / 2) for k, v in sums.items() if k == "both" or guided}

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from models.checkpoint import load_quant_model
@@ -252,8 +253,11 @@ def test_eval_every_logs_the_held_out_error_without_changing_the_run(quant_ckpts
     a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("plain", "eval"))
     for k, v in a["unet_state_dict"].items():
         assert torch.equal(v, b["unet_state_dict"][k]), k  # measuring does not touch training
-    assert [{k: v for k, v in h.items() if k != "eps_mse_held_out"} for h in b["history"]] == a["history"]
+    assert [{k: v for k, v in h.items() if not k.startswith("eps_mse_held_out")} for h in b["history"]] == a["history"]
     held_out = [h["eps_mse_held_out"] for h in b["history"]]
+    for h in b["history"]:  # each guidance half's error, whose mean is the one figure, and the guided eps's
+        assert h["eps_mse_held_out"] == pytest.approx((h["eps_mse_held_out_cond"] + h["eps_mse_held_out_uncond"]) / 2, rel=1e-6)
+        assert h["eps_mse_held_out_guided"] > 0
     assert len(held_out) == 3 and "eps_mse_held_out" not in a["history"][0]
     # the last one is the final model's figure before LoRA merging and float16 rounding of the quantizer parameters
     assert abs(held_out[-1] - b["eps_mse"]) <= 0.05 * b["eps_mse"]

@@ -3,8 +3,8 @@ sample, evaluate) run alone, one after another, with the distillation update spl
 (distill.py --profile), at each thread count asked for. Prints a table; run it with nothing else on
 the machine.
 
-    python bench/profile.py                       # 1 and 2 threads, 100 distillation updates each
-    python bench/profile.py --root ../other/tree  # the same stages of another checkout (e.g. an older commit)
+    python bench/stage_profile.py                       # 1 and 2 threads, 100 distillation updates each
+    python bench/stage_profile.py --root ../other/tree  # the same stages of another checkout (e.g. an older commit)
 
 The main job (`bench/reproduce.py --bits 2 --cells fp,baseline,mpqdm --jobs 2`) runs the FP model's
 samples first, then the two arms side by side with one thread each, so the 1-thread figures are the
