@@ -44,7 +44,7 @@ from models.cli import (add_trust_flag, check_device, check_finite, check_folder
                         finite_float, init_distributed, int_list, load_resume_state, nonneg_float, plain_args, positive_int)
 from models.diffusion import DDIM, ddim_sample, randn_per_sample, sample_generators, to_uint8
 from models.digits import DEFAULT_CHECKPOINT
-from models.int8 import convert_to_int8, int8_unavailable
+from models.int8 import convert_to_int8
 from models.npz import NpzArray, write_npz
 from models.safe_load import allow_pickle
 
@@ -109,9 +109,10 @@ if model.quant_settings is not None:  # activation parameters exist per step of 
 if args.kernels == "int8":
     if model.quant_settings is None:
         parser.error(f"--kernels int8 runs quantized layers; {args.ckpt} is a {kind} model")
-    if int8_unavailable(device):
-        parser.error(f"--kernels int8: {int8_unavailable(device)}")
-    counts = convert_to_int8(model)
+    try:
+        counts = convert_to_int8(model)
+    except RuntimeError as e:  # no kernels on this device or build
+        parser.error(f"--kernels int8: {e}")
     if rank == 0:
         print(f"int8 kernels: {counts['int8']} layers; in float: {counts['float_not_fitting']} whose codes do not fit "
               f"the kernels, {counts['full_precision']} full-precision by design")

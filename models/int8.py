@@ -25,7 +25,7 @@ Convolutions run in channels-last layout (the kernels' own), so the whole UNet d
 import torch
 import torch.nn as nn
 
-from models.quant import QuantLayer, quant_layers, scratch_like
+from models.quant import QuantLayer, quant_int, quant_layers, scratch_like
 
 
 def int8_unavailable(device):
@@ -84,7 +84,9 @@ class Int8Layer(nn.Module):
         view = lambda v: v.reshape([-1] + [1] * (w_q.dim() - 1))
         scale = q.w_scale.detach().abs().clamp(min=1e-8)
         zero, qmax = q.w_zero.detach(), 2.0 ** q.bits.float() - 1
-        codes = torch.clamp(torch.round(w_q / view(scale) + view(zero)), torch.zeros_like(view(qmax)), view(qmax))
+        if int(q.bits.max()) > 8 or q.abits > 8:
+            raise CodesDoNotFit("more than 8 bits")
+        codes = quant_int(w_q, view(scale), view(zero), view(qmax))
         if not torch.equal((codes - view(zero)) * view(scale), w_q):  # the codes must give back the exact weight
             raise CodesDoNotFit("the layer's weight is not its codes' dequantization")
         c = torch.minimum(torch.maximum(torch.round(zero), qmax - 127), torch.full_like(qmax, 128))
@@ -183,8 +185,6 @@ def convert_to_int8(model):
             if q.w_q is None:
                 q.refresh()
             try:
-                if int(q.bits.max()) > 8 or q.abits > 8:
-                    raise CodesDoNotFit("more than 8 bits")
                 int8_layer = Int8Layer(q)
             except CodesDoNotFit:
                 counts["float_not_fitting"] += 1
