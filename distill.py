@@ -54,7 +54,7 @@ from models.cli import (add_trust_flag, auto_or, check_device, check_finite, che
                         positive_int)
 from models.checkpoint import load_quant_model, quant_checkpoint, save_atomic, save_with_report, sha256_file, write_packed
 from models.diffusion import DDIM, combine_guidance, is_guided
-from models.quant import quant_layers, refresh_weights, set_step
+from models.quant import WeightRefresher, quant_layers, refresh_weights, set_step
 from models.safe_load import allow_pickle
 from models.trajectory import HELD_OUT_SEED_OFFSET, eps_mse, fp_trajectory
 from models.trd import WindowSmoother, relation_kl
@@ -226,6 +226,7 @@ def lap(phase=None):
 
 fp_model.unet.eval()
 qmodel.unet.train()
+refresh = WeightRefresher(qmodel.unet)  # refresh_weights, the small layers in one call
 bar = tqdm(total=args.iters, initial=start_iter, desc=f"distill ({'MSE+TRD' if args.trd == 'on' else 'MSE'})",
            disable=rank != 0)
 t_train = time.time()
@@ -239,7 +240,7 @@ for it in range(start_iter, args.iters):
     lap()
     for i, inputs, out_fp in fp_trajectory(fp_model, ddim, ids, args.seed, guidance, device):  # fp_feat: its features
         lap("teacher")
-        refresh_weights(qmodel.unet)  # fake-quantize the weights once for this update
+        refresh()  # fake-quantize the weights once for this update
         set_step(qmodel.unet, i)
         lap("weight refresh")
         out_q = student(*inputs)
@@ -302,7 +303,9 @@ for m in trained.values():
     m.round_params()  # as the packed file stores them
     m.merge_lora()
 check_finite("the distilled model's weights", *qmodel.parameters(), hint="lower the learning rates")
-mse_after = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size, held_out_seed, guidance, device)
+parts_after = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size, held_out_seed, guidance, device,
+                      parts=True)
+mse_after = parts_after.pop("both")  # the mean over both guidance halves; parts_after: the guided eps and each half
 print(f"eps MSE vs FP on {args.eval_samples} held-out trajectories: before {mse_before:.5f}, after {mse_after:.5f} "
       f"({'MSE+TRD' if args.trd == 'on' else 'MSE only'}, {args.iters * args.batch_size} trajectories, "
       f"{total_updates} updates)")
@@ -315,6 +318,7 @@ elapsed = time.time() - t_start
 ckpt = quant_checkpoint(qmodel.cpu(), qckpt["fp"], report=qckpt.get("report"), distill=distill_settings,
                         eps_mse_before=mse_before, eps_mse=mse_after, history=history, source=str(args.qckpt))
 save_with_report(ckpt, out_path, dict(distill=distill_settings, eps_mse_before=mse_before, eps_mse_after=mse_after,
+                                      **{f"eps_mse_after_{k}": v for k, v in parts_after.items()},
                                       seconds=elapsed, seconds_train=seconds_train, updates_run=updates_run,
                                       lr_lora_per_layer=lr_lora, history=history,
                                       **({"seconds_per_update_by_phase": {k: v / max(updates_run, 1) for k, v in phase_seconds.items()}}

@@ -28,7 +28,7 @@ its LoRA init and trajectories); the eps-MSE checks use s + 10000. The evaluatio
 --sample-seed for every run, and nothing else uses it. The learning-rate search (--lr-search) runs
 every distilled cell at each multiplier on --selection-seed, which nothing reported uses, and keeps
 per cell the multiplier with the lowest held-out eps MSE after distillation (no images are scored
-for it); the reported runs use that multiplier. With --lr-extend K, a cell whose best multiplier is
+for it; --select-by: of both guidance halves, or of the guided eps); the reported runs use that multiplier. With --lr-extend K, a cell whose best multiplier is
 the largest (smallest) tried also tries twice (half) that, up to K doublings past the grid, so that
 each cell's choice ends between two worse neighbours under the same rule for every cell. Two
 "FID vs FP" and "eps MSE" columns measure fidelity to the FP model: the in-domain FID between a row's samples and the FP model's samples of
@@ -87,6 +87,10 @@ parser.add_argument("--lr-search", default=None, help="multipliers searched per 
 parser.add_argument("--lr-extend", type=int, default=0,
                     help="grow the search grid by up to this many doublings (halvings) past the edge holding the best")
 parser.add_argument("--selection-seed", type=int, default=99, help="the search's training seed; nothing reported uses it")
+parser.add_argument("--select-by", choices=["both", "guided"], default="both",
+                    help="the search's held-out eps MSE: of both guidance halves (the committed W2A4 search's rule) or of "
+                         "the guided eps that sampling uses (see docs/results.md: the halves can drift where the guided "
+                         "eps cannot see it)")
 parser.add_argument("--search-iters", type=int, default=None, help="distill.py --iters of the search (default: --distill-iters)")
 parser.add_argument("--search-only", action="store_true", help="run the learning-rate search, then only write the tables")
 parser.add_argument("--budget-iters", default="", help="extra distill.py --iters for the budget curve, e.g. 10,160")
@@ -203,7 +207,7 @@ def search_distill(job):
         if "error: the loss is" not in log.read_text():
             raise
         print(f"diverged: {key(*job)} (see {log})", flush=True)
-        return dict(eps_mse_after=None, seconds=None)
+        return dict(eps_mse_after=None, eps_mse_after_guided=None, seconds=None)
 
 
 def sample_and_score(job):
@@ -253,19 +257,25 @@ distilled = [(c, n) for n in bits for c in dict.fromkeys(cells + (args.budget_ce
 search_iters = args.search_iters or args.distill_iters
 
 
+def selection_mse(r):
+    """A search run's figure under --select-by (None: diverged, or not measured by that rule)."""
+    return r["eps_mse"] if args.select_by == "both" else r.get("eps_mse_guided")
+
+
 def committed_choice(cell, n):
     """(multiplier, source) that the committed search chose for this cell and bit width: the lowest
-    held-out eps MSE among its finite runs in --committed/w<n>a<m>_sweep.json, at this run's number of
-    distillation iterations; (None, why not) where there is none."""
+    held-out eps MSE (--select-by) among its finite runs in --committed/w<n>a<m>_sweep.json, at this
+    run's number of distillation iterations; (None, why not) where there is none."""
     path = args.committed / f"w{n}a{args.abits}_sweep.json"
     shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     search = json.loads(path.read_text()).get("search", {}) if path.exists() else {}
     tried = [r for r in search.values() if (r["cell"], r["wbits"], r["iters"]) == (cell, n, search_iters)
-             and r["eps_mse"] is not None]
+             and selection_mse(r) is not None]
     if not tried:
-        return None, f"no committed search for W{n}A{args.abits} {cell} at {search_iters * 20} updates in {shown}"
-    best = min(tried, key=lambda r: r["eps_mse"])
-    return best["lr_mult"], f"chosen by the committed search ({shown})"
+        return None, (f"no committed search for W{n}A{args.abits} {cell} at {search_iters * 20} updates by the "
+                      f"{args.select_by} eps MSE in {shown}")
+    best = min(tried, key=selection_mse)
+    return best["lr_mult"], f"chosen by the committed search ({shown}, {args.select_by} eps MSE)"
 
 
 chosen, source = {}, {}  # (cell, n): LoRA learning-rate multiplier, and where it comes from
@@ -284,15 +294,17 @@ if search:
         parallel(quantize, sorted({(CELLS[c][0], n, s) for c, n, s, m, i in todo}))
         for j, report in zip(todo, parallel(search_distill, todo)):
             results["search"][key(*j)] = dict(cell=j[0], wbits=j[1], seed=j[2], lr_mult=j[3], iters=j[4],
-                                              eps_mse=report["eps_mse_after"], seconds=report["seconds"])
+                                              eps_mse=report["eps_mse_after"],
+                                              eps_mse_guided=report.get("eps_mse_after_guided"), seconds=report["seconds"])
         save_results()
         grown = False
         for (c, n), ms in grids.items():
             tried = [results["search"][key(c, n, args.selection_seed, m, search_iters)] for m in ms]
-            if not (finite := [r for r in tried if r["eps_mse"] is not None]):
-                raise SystemExit(f"every multiplier of the search diverged for W{n} {c}; search lower ones")
-            chosen[c, n] = min(finite, key=lambda r: r["eps_mse"])["lr_mult"]
-            source[c, n] = f"chosen by this search (seed {args.selection_seed})"
+            if not (finite := [r for r in tried if selection_mse(r) is not None]):
+                raise SystemExit(f"every multiplier of the search diverged for W{n} {c}, or was run before distill.py "
+                                 f"reported the {args.select_by} eps MSE; search lower ones, or delete those runs")
+            chosen[c, n] = min(finite, key=selection_mse)["lr_mult"]
+            source[c, n] = f"chosen by this search (seed {args.selection_seed}, {args.select_by} eps MSE)"
             if len(ms) > 1 and chosen[c, n] == max(ms) < max(search) * 2 ** args.lr_extend:
                 ms.append(2 * max(ms))
             elif len(ms) > 1 and chosen[c, n] == min(ms) > min(search) / 2 ** args.lr_extend:
@@ -398,16 +410,18 @@ if source and not args.search_only:
     md += [f"- W{n}A{args.abits} {NAMES[c]}: × {chosen[c, n]:g}, {source[c, n]}" for c, n in chosen]
 if results["search"]:
     mults = sorted({r["lr_mult"] for r in results["search"].values()})
-    md += ["", f"Learning-rate search on selection seed {args.selection_seed} (held-out eps MSE after distillation; "
-           "the lowest is chosen, marked *):", "",
+    md += ["", f"Learning-rate search on selection seed {args.selection_seed} (held-out eps MSE after distillation, "
+           f"{'of both guidance halves' if args.select_by == 'both' else 'of the guided eps'}; the lowest is chosen, marked *):", "",
            "| setting | method | updates | " + " | ".join(f"× {m:g}" for m in mults) + " |", "|---|---|---|" + "---|" * len(mults)]
     rows = {}
     for r in results["search"].values():
-        rows.setdefault((r["wbits"], list(CELLS).index(r["cell"]), r["iters"]), {})[r["lr_mult"]] = r["eps_mse"]
+        rows.setdefault((r["wbits"], list(CELLS).index(r["cell"]), r["iters"]), {})[r["lr_mult"]] = r
     for (n, ci, iters), by_mult in sorted(rows.items()):
-        best = min((m for m in by_mult if by_mult[m] is not None), key=by_mult.get, default=None)
+        best = min((m for m, r in by_mult.items() if selection_mse(r) is not None), key=lambda m: selection_mse(by_mult[m]),
+                   default=None)
         md.append(f"| W{n}A{args.abits} | {NAMES[list(CELLS)[ci]]} | {iters * 20} | "
-                  + " | ".join(("diverged" if m in by_mult and by_mult[m] is None else fmt(by_mult.get(m), ".4f"))
+                  + " | ".join(("diverged" if m in by_mult and by_mult[m]["eps_mse"] is None
+                                else fmt(selection_mse(by_mult[m]) if m in by_mult else None, ".4f"))
                                + ("*" if m == best else "") for m in mults) + " |")
 budget = {}
 for r in runs:

@@ -5,6 +5,7 @@ the machine.
 
     python bench/stage_profile.py                       # 1 and 2 threads, 100 distillation updates each
     python bench/stage_profile.py --root ../other/tree  # the same stages of another checkout (e.g. an older commit)
+    python bench/stage_profile.py --against ../old/tree --threads 1   # only the update, the two checkouts in turns
 
 The main job (`bench/reproduce.py --bits 2 --cells fp,baseline,mpqdm --jobs 2`) runs the FP model's
 samples first, then the two arms side by side with one thread each, so the 1-thread figures are the
@@ -14,6 +15,7 @@ two evaluations.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,19 +30,50 @@ parser.add_argument("--iters", type=int, default=5, help="distill.py --iters (x 
 parser.add_argument("--method", default="omq", choices=["omq", "uniform"])
 parser.add_argument("--trd", default="on", choices=["on", "off"])
 parser.add_argument("--num-images", type=int, default=1000)
+parser.add_argument("--against", type=Path, default=None,
+                    help="another checkout (e.g. an older commit): only the distillation update, timed in turns with "
+                         "this one's, --repeats pairs at the first of --threads, on one quantized model")
+parser.add_argument("--repeats", type=int, default=3)
 args = parser.parse_args()
 root = args.root.resolve()
 
 
-def run(threads, *cmd):
-    """Wall seconds of one command run in `root` with `threads` torch threads; stops on failure."""
+def run(threads, *cmd, cwd=None):
+    """Wall seconds of one command run in `root` (or cwd) with `threads` torch threads; stops on failure."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=root, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=cwd or root, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{proc.stderr[-2000:]}")
     return time.perf_counter() - t0
 
+
+if args.against:  # the update of two checkouts, in turns, so that the host's drift hits both alike
+    threads = int(args.threads.split(",")[0])
+    checkouts = {"against": args.against.resolve(), "this": root}
+    per = {name: [] for name in checkouts}
+    with tempfile.TemporaryDirectory() as tmp:
+        q = Path(tmp) / "q.pt"
+        run(threads, "quantize.py", "--wbits", 2, "--abits", 4, "--method", args.method, "--seed", 0, "--out", q)
+        for _ in range(args.repeats):
+            for name, cwd in checkouts.items():
+                d = Path(tmp) / f"{name}.pt"
+                run(threads, "distill.py", "--qckpt", q, "--trd", args.trd, "--iters", args.iters, "--seed", 0,
+                    "--eval-samples", 16, "--profile", "--out", d, "--force", cwd=cwd)
+                report = json.loads(d.with_suffix(".json").read_text())
+                per[name].append(dict(report["seconds_per_update_by_phase"],
+                                      update=report["seconds_train"] / report["updates_run"]))
+    print(f"One distillation update, ms, {threads} thread{'s' * (threads > 1)}, {args.iters * 20} updates per run, "
+          f"{args.repeats} runs of each in turns (median; min-max):\n")
+    print(f"| part | {checkouts['against']} | {checkouts['this']} | ratio of medians |\n|---|---|---|---|")
+    for part in per["this"][0]:
+        cols = [sorted(1000 * r[part] for r in per[name]) for name in checkouts]
+        med = [statistics.median(c) for c in cols]
+        print(f"| {'**update**' if part == 'update' else part} | "
+              + " | ".join(f"{m:.1f} ({c[0]:.1f}-{c[-1]:.1f})" for m, c in zip(med, cols)) + f" | {med[0] / med[1]:.2f}x |")
+    pairs = [a["update"] / b["update"] for a, b in zip(per["against"], per["this"])]
+    print(f"\nper pair (run in turns), update time against / this: {', '.join(f'{p:.2f}x' for p in pairs)}")
+    raise SystemExit(0)
 
 rows, phases = [], {}
 with tempfile.TemporaryDirectory() as tmp:

@@ -11,6 +11,8 @@ with
 The fake-quantized weight is computed by `refresh()` (once per training step, once at load) and
 cached; forward never requantizes it.
 """
+import itertools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,45 +26,71 @@ def round_ste(x):
     return (x.round() - x).detach() + x
 
 
+def clamp_codes(r, qmax):
+    """clamp(r, 0, qmax) as a new tensor; qmax a float or a tensor broadcasting to r's shape."""
+    if isinstance(qmax, float):
+        return r.clamp(0, qmax)
+    q = r.clamp(min=0)
+    return torch.minimum(q, qmax, out=q)
+
+
 class FakeQuant(torch.autograd.Function):
     """(clamp(round(x / scale + zero), 0, qmax) - zero) * scale as one autograd node, with the
     gradient of that expression spelled out with round_ste (round's gradient taken as 1) and
     torch.clamp with tensor bounds: clamp passes the gradient where 0 < round(.) < qmax, half of it
     where round(.) sits on a bound (torch splits a tie between the input and the bound) and none
-    outside. Spelled out in autograd the quantizer is eight nodes whose broadcasting, masks and saved
-    copies were most of a distillation update's time on the embedded default; here backward
-    recomputes the mask from x alone. Values equal the spelled-out version's exactly, gradients to
+    outside. round_zero: the forward uses round(zero), the gradient passes to zero straight through
+    (round_ste(zero), the activations' integer zero-point) without a node of its own.
+
+    With u = x / scale, r = round(u + zero), q = clamp(r, 0, qmax) and p the gradient clamp passes
+    (1, 1/2 or 0), out = (q - zero) * scale has
+        d out / d x     = p
+        d out / d scale = (q - zero) - p * u
+        d out / d zero  = (p - 1) * scale
+    Forward saves p (float16 holds 0, 1/2, 1 exactly) and, when the scale trains, the scale factor,
+    so backward is three products and two sums. Spelled out in autograd the quantizer was eight
+    nodes, and recomputing the rounding in backward another twenty operations: on the embedded
+    default's 8 x 8 maps each costs its dispatch more than its arithmetic, and together they were
+    most of a distillation update. Values equal the spelled-out version's exactly, gradients to
     float rounding (tests/test_distill.py)."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero, qmax):
-        ctx.save_for_backward(x, scale, zero, qmax)
-        q = torch.minimum((x / scale + zero).round_().clamp_(min=0), qmax)
-        return q.sub_(zero).mul_(scale)
+    def forward(ctx, x, scale, zero, qmax, round_zero=False):
+        if round_zero:
+            zero = zero.round()
+        u = x / scale
+        r = (u + zero).round_()
+        out = clamp_codes(r, qmax).sub_(zero)  # q - zero
+        ctx.shapes = scale.shape, zero.shape
+        if any(ctx.needs_input_grad[:3]):  # p = clamp(min(r + 1/2, qmax + 1/2 - r), 0, 1): r is an integer
+            r.add_(0.5)
+            p = torch.minimum(r, torch.rsub(r, qmax + 1.0)).clamp_(0, 1)
+            factor = torch.addcmul(out, p, u, value=-1) if ctx.needs_input_grad[1] else None
+            ctx.save_for_backward(p.half(), factor, scale)
+        return out.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale, zero, qmax = ctx.saved_tensors
-        r = (x / scale + zero).round_()
-        passed = ((r > 0) & (r < qmax)).to(x.dtype).add_(((r == 0) | (r == qmax)).to(x.dtype), alpha=0.5)
-        g_v = grad * scale * passed  # the gradient reaching x / scale + zero
-        grad_x = g_v / scale if ctx.needs_input_grad[0] else None
-        grad_scale = grad_zero = None
-        if ctx.needs_input_grad[1]:  # out = (q - zero) * scale, and q moves with x / scale
-            q = torch.minimum(r.clamp_(min=0), qmax)
-            grad_scale = ((grad * (q - zero)).sum_to_size(scale.shape)
-                          - (g_v * (x / scale / scale)).sum_to_size(scale.shape))
-        if ctx.needs_input_grad[2]:
-            grad_zero = g_v.sum_to_size(zero.shape) - (grad * scale).sum_to_size(zero.shape)
-        return grad_x, grad_scale, grad_zero, None
+        p, factor, scale = ctx.saved_tensors
+        scale_shape, zero_shape = ctx.shapes
+        grad_x = grad * p
+        grad_scale = (grad * factor).sum_to_size(scale_shape) if ctx.needs_input_grad[1] else None
+        grad_zero = ((grad_x - grad) * scale).sum_to_size(zero_shape) if ctx.needs_input_grad[2] else None
+        return grad_x if ctx.needs_input_grad[0] else None, grad_scale, grad_zero, None, None
 
 
-def fake_quant(x, scale, zero, qmax):
+def fake_quant(x, scale, zero, qmax, round_zero=False):
     """Asymmetric uniform quantize-dequantize; scale, zero, qmax broadcast against x. The zero-point
-    is used as given: activations round theirs to an integer, weights keep a real one, which lets a
-    1-bit channel take the two levels {lo, hi} instead of {0, hi}."""
-    qmax = torch.as_tensor(qmax, dtype=x.dtype, device=x.device)
-    return FakeQuant.apply(x, scale, torch.as_tensor(zero, dtype=x.dtype, device=x.device), qmax)
+    is used as given (round_zero: rounded, with a straight-through gradient): activations round
+    theirs to an integer, weights keep a real one, which lets a 1-bit channel take the two levels
+    {lo, hi} instead of {0, hi}."""
+    if not isinstance(qmax, float):  # a float (one bit-width for all of x) stays a float: one tensor less per call
+        qmax = torch.as_tensor(qmax, dtype=x.dtype, device=x.device)
+    zero = torch.as_tensor(zero, dtype=x.dtype, device=x.device)
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero.requires_grad):
+        return FakeQuant.apply(x, scale, zero, qmax, round_zero)
+    zero = zero.round() if round_zero else zero  # no gradient wanted: FakeQuant's forward without what it saves
+    return clamp_codes((x / scale + zero).round_(), qmax).sub_(zero).mul_(scale)
 
 
 def quant_int(x, scale, zero, qmax):
@@ -233,9 +261,8 @@ class QuantLayer(nn.Module):
         qmax = 2.0 ** self.abits - 1
         if torch.is_grad_enabled():
             x = x / smooth if self.smoothed else x
-            return fake_quant(x, scale, round_ste(self.a_zero[self.step]), qmax)
-        # sampling: the same arithmetic in place on a scratch tensor (round_ste's forward value is
-        # exactly round(): r - v is exact when r = round(v), so (r - v) + v == r)
+            return fake_quant(x, scale, self.a_zero[self.step], qmax, round_zero=True)
+        # sampling: fake_quant's arithmetic in place on a scratch tensor
         out = scratch_like(x)
         if self.smoothed:
             torch.div(x, smooth, out=out).div_(scale)
@@ -276,3 +303,51 @@ def set_step(module, step):
 def refresh_weights(module):
     for m in quant_layers(module).values():
         m.refresh()
+
+
+class WeightRefresher:
+    """refresh_weights for a training loop: the small layers' weights (below RECOMPUTE_MIN_WEIGHTS:
+    all of the embedded default's) fake-quantized together, as one flat tensor through one
+    FakeQuant, instead of layer by layer. Per layer that leaves only the LoRA product B A; the
+    smoothing, zero-points and bit-widths become per-element tensors built once here, since they do
+    not change in training (the weight scales do and are gathered each time). On the embedded
+    default's 113 small layers the per-layer version was a dozen tiny operations each way per layer.
+    The weights equal refresh_weights' exactly, the gradients to float rounding (the sums over a
+    channel run in another order; tests/test_distill.py). The large layers refresh as before."""
+
+    def __init__(self, module):
+        layers = [m for m in quant_layers(module).values() if m.mode != "fp"]
+        self.bank = [m for m in layers if not m.frozen and m.layer.weight.numel() < RECOMPUTE_MIN_WEIGHTS]
+        self.rest = [m for m in layers if m not in self.bank]
+        self.sizes = [m.layer.weight.numel() for m in self.bank]
+        if not self.bank:
+            return
+        with torch.no_grad():
+            # per element: its output channel's index into the concatenated scales, and the layer's
+            # frozen weight, input-channel smoothing, zero-point and qmax
+            self.channel = torch.cat([torch.arange(m.layer.weight.shape[0], device=m.w_zero.device)
+                                      .repeat_interleave(n // m.layer.weight.shape[0])
+                                      for m, n in zip(self.bank, self.sizes)])
+            self.channel += torch.cat([torch.full((n,), off, dtype=torch.long, device=self.channel.device) for n, off in
+                                       zip(self.sizes, [0] + list(itertools.accumulate(m.w_zero.numel() for m in self.bank))[:-1])])
+            self.weight = torch.cat([m.layer.weight.reshape(-1) for m in self.bank])
+            self.smooth = torch.cat([(torch.ones_like(m.layer.weight) * m._channel_view(m.smooth, m.layer.weight.dim(), 1))
+                                     .reshape(-1) for m in self.bank])
+            self.zero = torch.cat([m.w_zero for m in self.bank])[self.channel]
+            self.qmax = (2.0 ** torch.cat([m.bits for m in self.bank]).float() - 1)[self.channel]
+        for m in self.bank:
+            m.note_smoothing()
+
+    def __call__(self):
+        for m in self.rest:
+            m.refresh()
+        if not self.bank:
+            return
+        w = self.weight
+        if any(m.lora_A is not None for m in self.bank):
+            w = w + torch.cat([(m.lora_B @ m.lora_A).reshape(-1) if m.lora_A is not None else
+                               torch.zeros(n, dtype=w.dtype, device=w.device) for m, n in zip(self.bank, self.sizes)])
+        scale = torch.cat([m.w_scale for m in self.bank]).abs().clamp(min=1e-8)[self.channel]
+        w_q = fake_quant(w * self.smooth, scale, self.zero, self.qmax)
+        for m, v in zip(self.bank, w_q.split(self.sizes)):
+            m.w_q = v.view(m.layer.weight.shape)

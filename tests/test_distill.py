@@ -227,6 +227,7 @@ def test_fake_quant_node_has_the_spelled_out_straight_through_gradients():
     from models.quant import fake_quant, round_ste
 
     def spelled_out(x, scale, zero, qmax):
+        qmax = torch.as_tensor(qmax, dtype=x.dtype)
         q = torch.clamp(round_ste(x / scale + zero), torch.zeros_like(qmax), qmax)
         return (q - zero) * scale
 
@@ -235,16 +236,47 @@ def test_fake_quant_node_has_the_spelled_out_straight_through_gradients():
     weight = (torch.randn(16, 8, 3, 3, generator=g, **d), torch.rand(16, 1, 1, 1, generator=g, **d) * 0.3 + 0.05,
               torch.rand(16, 1, 1, 1, generator=g, **d) * 3, 2.0 ** torch.randint(1, 4, (16, 1, 1, 1), generator=g).double() - 1)
     act = (torch.randn(4, 8, 5, 5, generator=g, **d) * 2, torch.tensor(0.3, **d), torch.tensor(7.0, **d), torch.tensor(15.0, **d))
-    for x, scale, zero, qmax in (weight, act):
+    act_real_zero = (act[0], act[1], torch.tensor(6.6, **d), 15.0)  # zero rounded to 7 by round_zero, qmax a float
+    for (x, scale, zero, qmax), round_zero in ((weight, False), (act, False), (act_real_zero, True)):
         leaves = [t.clone().requires_grad_() for t in (x, scale, zero)]
         upstream = torch.randn(x.shape, generator=g, **d)
-        ours = fake_quant(*leaves, qmax)
-        want = spelled_out(*leaves, qmax)
+        ours = fake_quant(*leaves, qmax, round_zero=round_zero)
+        want = spelled_out(*leaves[:2], round_ste(leaves[2]) if round_zero else leaves[2], qmax)
         assert torch.equal(ours, want)
-        r = (x / scale + zero).round()
+        with torch.no_grad():  # the path without a gradient gives the same values
+            assert torch.equal(fake_quant(*leaves, qmax, round_zero=round_zero), want)
+        r = (x / scale + zero.round() if round_zero else x / scale + zero).round()
         assert ((r == 0) | (r == qmax)).any() and ((r < 0) | (r > qmax)).any()  # ties and clipping both occur
         for a, b in zip(torch.autograd.grad(ours, leaves, upstream), torch.autograd.grad(want, leaves, upstream)):
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_weight_refresher_equals_refresh_weights(quant_ckpts):
+    """distill.py's WeightRefresher (the small layers fake-quantized as one flat tensor) gives every
+    layer exactly refresh_weights' weight, and the LoRA and weight-scale gradients to float rounding;
+    a layer it did not bank (frozen) refreshes as before."""
+    from models.quant import WeightRefresher
+    _, qmodel, _ = student(quant_ckpts["all"])
+    layers = [m for m in quant_layers(qmodel.unet).values() if m.mode != "fp"]
+    layers[0].frozen = True  # a packed layer: refreshed by itself, not banked
+    params = [p for m in layers[1:] for p in (m.lora_A, m.lora_B, m.w_scale)]
+    for p in params:
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(m.layer.weight.shape, generator=g) for m in layers]
+    refresher = WeightRefresher(qmodel.unet)
+    assert layers[0] in refresher.rest and len(refresher.bank) == len(layers) - 1
+    results = []
+    for refresh in (lambda: refresh_weights(qmodel.unet), refresher):
+        refresh()
+        weights = [m.w_q.detach().clone() for m in layers]
+        loss = sum((m.w_q * u).sum() for m, u in zip(layers[1:], upstream[1:]))
+        results.append((weights, torch.autograd.grad(loss, params)))
+    (w_layer, g_layer), (w_bank, g_bank) = results
+    assert all(torch.equal(a, b) for a, b in zip(w_layer, w_bank))
+    assert any(t.abs().max() > 0 for t in g_bank)
+    for a, b in zip(g_layer, g_bank):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item())  # float32 sums in another order
 
 
 def test_eval_every_logs_the_held_out_error_without_changing_the_run(quant_ckpts, tmp_path):

@@ -25,7 +25,8 @@ def test_default_multiplier_is_the_committed_choice(tmp_path):
     got = plan(tmp_path, "--bits", 2, "--cells", ",".join(["fp", *cells]))
     assert set(got) == set(cells)  # fp is not distilled
     for c in cells:
-        assert got[c] == (lowest_eps_mse(search, c), "chosen by the committed search (bench/results/w2a4_sweep.json)")
+        assert got[c] == (lowest_eps_mse(search, c),
+                          "chosen by the committed search (bench/results/w2a4_sweep.json, both eps MSE)")
     assert got["baseline"][0] != got["mpqdm"][0]  # per cell, not one multiplier for all
 
 
@@ -33,13 +34,17 @@ def test_multiplier_is_read_from_the_committed_file(tmp_path):
     """Another committed search gives other multipliers: nothing is typed into the code."""
     committed = tmp_path / "committed"
     committed.mkdir()
-    search = {f"k{i}": dict(cell=c, wbits=2, seed=99, lr_mult=m, iters=40, eps_mse=e)
-              for i, (c, m, e) in enumerate([("baseline", 2, 0.02), ("baseline", 4, 0.01), ("baseline", 8, None),
-                                             ("mpqdm", 2, 0.005), ("mpqdm", 4, 0.03)])}
+    search = {f"k{i}": dict(cell=c, wbits=2, seed=99, lr_mult=m, iters=40, eps_mse=e, eps_mse_guided=g)
+              for i, (c, m, e, g) in enumerate([("baseline", 2, 0.02, 0.001), ("baseline", 4, 0.01, 0.002),
+                                                ("baseline", 8, None, None), ("mpqdm", 2, 0.005, 0.004),
+                                                ("mpqdm", 4, 0.03, 0.003)])}
     (committed / "w2a4_sweep.json").write_text(json.dumps(dict(format=2, runs={}, search=search)))
     got = plan(tmp_path, "--bits", 2, "--cells", "baseline,mpqdm,trd", "--committed", committed)
     assert got["baseline"][0] == 4 and got["mpqdm"][0] == 2  # a diverged run (None) is never chosen
     assert got["trd"][0] == 1 and "official rule x1: no committed search for W2A4 trd" in got["trd"][1]
+    # --select-by guided: the same rule on the guided eps's error picks the other multipliers
+    got = plan(tmp_path, "--bits", 2, "--cells", "baseline,mpqdm", "--committed", committed, "--select-by", "guided")
+    assert got["baseline"][0] == 2 and got["mpqdm"][0] == 4 and "guided eps MSE" in got["mpqdm"][1]
     # the search's number of updates must be the run's
     got = plan(tmp_path, "--bits", 2, "--cells", "baseline", "--committed", committed, "--distill-iters", 10)
     assert got["baseline"][0] == 1 and "at 200 updates" in got["baseline"][1]
@@ -49,5 +54,7 @@ def test_no_committed_choice_runs_x1_with_a_note(tmp_path):
     got = plan(tmp_path, "--bits", 3, "--cells", "baseline,mpqdm", "--committed", tmp_path / "nothing")
     for c in ("baseline", "mpqdm"):
         assert got[c][0] == 1 and "official rule x1: no committed search for W3A4" in got[c][1]
+    got = plan(tmp_path, "--bits", 2, "--cells", "mpqdm", "--select-by", "guided")  # the W2A4 search predates it
+    assert got["mpqdm"][0] == 1 and "by the guided eps MSE" in got["mpqdm"][1]
     got = plan(tmp_path, "--bits", 2, "--cells", "mpqdm", "--lr-mult", 4)
     assert got["mpqdm"] == (4, "--lr-mult")
