@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models.quant  # noqa: E402
 from models.qmodel import build_quant_model  # noqa: E402
 from models.ldm import LDM_CONFIGS, DiffusionModel  # noqa: E402
-from models.quant import quant_layers, refresh_weights, set_step  # noqa: E402
+from models.quant import WeightRefresher, quant_layers, set_step  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--config", default="cin256-v2", choices=list(LDM_CONFIGS))
@@ -86,7 +86,7 @@ def measure(mode, b):
     t0 = time.time()
     with torch.no_grad():
         out_fp = fp.unet(x, t, c)
-    refresh_weights(q.unet)
+    WeightRefresher(q.unet)()  # as distill.py: the small layers in one call, the large ones recomputed in backward
     m_wq = held()
     set_step(q.unet, 0)
     loss = F.mse_loss(q.unet(x, t, c), out_fp)

@@ -87,10 +87,10 @@ parser.add_argument("--lr-search", default=None, help="multipliers searched per 
 parser.add_argument("--lr-extend", type=int, default=0,
                     help="grow the search grid by up to this many doublings (halvings) past the edge holding the best")
 parser.add_argument("--selection-seed", type=int, default=99, help="the search's training seed; nothing reported uses it")
-parser.add_argument("--select-by", choices=["both", "guided"], default="both",
-                    help="the search's held-out eps MSE: of both guidance halves (the committed W2A4 search's rule) or of "
-                         "the guided eps that sampling uses (see docs/results.md: the halves can drift where the guided "
-                         "eps cannot see it)")
+parser.add_argument("--select-by", choices=["both", "guided"], default=None,
+                    help="the search's held-out eps MSE: of the guided eps that sampling uses, or of both guidance halves "
+                         "(which can drift where the guided eps cannot see it: docs/results.md). Default: guided for a "
+                         "search run here; for a committed search, the rule it ran under (both where its file does not say)")
 parser.add_argument("--search-iters", type=int, default=None, help="distill.py --iters of the search (default: --distill-iters)")
 parser.add_argument("--search-only", action="store_true", help="run the learning-rate search, then only write the tables")
 parser.add_argument("--budget-iters", default="", help="extra distill.py --iters for the budget curve, e.g. 10,160")
@@ -257,9 +257,9 @@ distilled = [(c, n) for n in bits for c in dict.fromkeys(cells + (args.budget_ce
 search_iters = args.search_iters or args.distill_iters
 
 
-def selection_mse(r):
-    """A search run's figure under --select-by (None: diverged, or not measured by that rule)."""
-    return r["eps_mse"] if args.select_by == "both" else r.get("eps_mse_guided")
+def selection_mse(r, rule):
+    """A search run's figure under a selection rule (None: diverged, or not measured by that rule)."""
+    return r["eps_mse"] if rule == "both" else r.get("eps_mse_guided")
 
 
 def committed_choice(cell, n):
@@ -268,14 +268,15 @@ def committed_choice(cell, n):
     run's number of distillation iterations; (None, why not) where there is none."""
     path = args.committed / f"w{n}a{args.abits}_sweep.json"
     shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-    search = json.loads(path.read_text()).get("search", {}) if path.exists() else {}
-    tried = [r for r in search.values() if (r["cell"], r["wbits"], r["iters"]) == (cell, n, search_iters)
-             and selection_mse(r) is not None]
+    committed = json.loads(path.read_text()) if path.exists() else {}
+    rule = args.select_by or committed.get("select_by", "both")
+    tried = [r for r in committed.get("search", {}).values() if (r["cell"], r["wbits"], r["iters"]) == (cell, n, search_iters)
+             and selection_mse(r, rule) is not None]
     if not tried:
         return None, (f"no committed search for W{n}A{args.abits} {cell} at {search_iters * 20} updates by the "
-                      f"{args.select_by} eps MSE in {shown}")
-    best = min(tried, key=selection_mse)
-    return best["lr_mult"], f"chosen by the committed search ({shown}, {args.select_by} eps MSE)"
+                      f"{rule} eps MSE in {shown}")
+    best = min(tried, key=lambda r: selection_mse(r, rule))
+    return best["lr_mult"], f"chosen by the committed search ({shown}, {rule} eps MSE)"
 
 
 chosen, source = {}, {}  # (cell, n): LoRA learning-rate multiplier, and where it comes from
@@ -286,7 +287,12 @@ for c, n in distilled:
         chosen[c, n], source[c, n] = committed_choice(c, n)
         if chosen[c, n] is None:
             chosen[c, n], source[c, n] = 1.0, f"the official rule x1: {source[c, n]}"
+rule = args.select_by or "guided"  # this invocation's search, if any
 if search:
+    if results["search"] and results.get("select_by", "both") != rule:
+        parser.error(f"{results_path} holds a search selected by the {results.get('select_by', 'both')} eps MSE; "
+                     f"pass --select-by {results.get('select_by', 'both')}, or use another --out")
+    results["select_by"] = rule
     grids = {cn: sorted(search) for cn in distilled}
     while True:
         jobs = [(c, n, args.selection_seed, m, search_iters) for (c, n), ms in grids.items() for m in ms]
@@ -300,11 +306,11 @@ if search:
         grown = False
         for (c, n), ms in grids.items():
             tried = [results["search"][key(c, n, args.selection_seed, m, search_iters)] for m in ms]
-            if not (finite := [r for r in tried if selection_mse(r) is not None]):
+            if not (finite := [r for r in tried if selection_mse(r, rule) is not None]):
                 raise SystemExit(f"every multiplier of the search diverged for W{n} {c}, or was run before distill.py "
-                                 f"reported the {args.select_by} eps MSE; search lower ones, or delete those runs")
-            chosen[c, n] = min(finite, key=selection_mse)["lr_mult"]
-            source[c, n] = f"chosen by this search (seed {args.selection_seed}, {args.select_by} eps MSE)"
+                                 f"reported the {rule} eps MSE; search lower ones, or delete those runs")
+            chosen[c, n] = min(finite, key=lambda r: selection_mse(r, rule))["lr_mult"]
+            source[c, n] = f"chosen by this search (seed {args.selection_seed}, {rule} eps MSE)"
             if len(ms) > 1 and chosen[c, n] == max(ms) < max(search) * 2 ** args.lr_extend:
                 ms.append(2 * max(ms))
             elif len(ms) > 1 and chosen[c, n] == min(ms) > min(search) / 2 ** args.lr_extend:
@@ -409,19 +415,20 @@ if source and not args.search_only:
     md += ["", "This invocation's LoRA learning-rate multipliers:", ""]
     md += [f"- W{n}A{args.abits} {NAMES[c]}: × {chosen[c, n]:g}, {source[c, n]}" for c, n in chosen]
 if results["search"]:
+    rule = results.get("select_by", "both")
     mults = sorted({r["lr_mult"] for r in results["search"].values()})
     md += ["", f"Learning-rate search on selection seed {args.selection_seed} (held-out eps MSE after distillation, "
-           f"{'of both guidance halves' if args.select_by == 'both' else 'of the guided eps'}; the lowest is chosen, marked *):", "",
+           f"{'of both guidance halves' if rule == 'both' else 'of the guided eps'}; the lowest is chosen, marked *):", "",
            "| setting | method | updates | " + " | ".join(f"× {m:g}" for m in mults) + " |", "|---|---|---|" + "---|" * len(mults)]
     rows = {}
     for r in results["search"].values():
         rows.setdefault((r["wbits"], list(CELLS).index(r["cell"]), r["iters"]), {})[r["lr_mult"]] = r
     for (n, ci, iters), by_mult in sorted(rows.items()):
-        best = min((m for m, r in by_mult.items() if selection_mse(r) is not None), key=lambda m: selection_mse(by_mult[m]),
-                   default=None)
+        best = min((m for m, r in by_mult.items() if selection_mse(r, rule) is not None),
+                   key=lambda m: selection_mse(by_mult[m], rule), default=None)
         md.append(f"| W{n}A{args.abits} | {NAMES[list(CELLS)[ci]]} | {iters * 20} | "
                   + " | ".join(("diverged" if m in by_mult and by_mult[m]["eps_mse"] is None
-                                else fmt(selection_mse(by_mult[m]) if m in by_mult else None, ".4f"))
+                                else fmt(selection_mse(by_mult[m], rule) if m in by_mult else None, ".4f"))
                                + ("*" if m == best else "") for m in mults) + " |")
 budget = {}
 for r in runs:

@@ -45,6 +45,11 @@ def test_multiplier_is_read_from_the_committed_file(tmp_path):
     # --select-by guided: the same rule on the guided eps's error picks the other multipliers
     got = plan(tmp_path, "--bits", 2, "--cells", "baseline,mpqdm", "--committed", committed, "--select-by", "guided")
     assert got["baseline"][0] == 2 and got["mpqdm"][0] == 4 and "guided eps MSE" in got["mpqdm"][1]
+    # a committed search that says it ran under the guided rule is read by that rule
+    (committed / "w2a4_sweep.json").write_text(json.dumps(dict(format=2, runs={}, search=search, select_by="guided")))
+    got = plan(tmp_path, "--bits", 2, "--cells", "baseline,mpqdm", "--committed", committed)
+    assert got["baseline"][0] == 2 and got["mpqdm"][0] == 4
+    (committed / "w2a4_sweep.json").write_text(json.dumps(dict(format=2, runs={}, search=search)))
     # the search's number of updates must be the run's
     got = plan(tmp_path, "--bits", 2, "--cells", "baseline", "--committed", committed, "--distill-iters", 10)
     assert got["baseline"][0] == 1 and "at 200 updates" in got["baseline"][1]
