@@ -11,8 +11,6 @@ with
 The fake-quantized weight is computed by `refresh()` (once per training step, once at load) and
 cached; forward never requantizes it.
 """
-import itertools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -48,11 +46,10 @@ class FakeQuant(torch.autograd.Function):
         d out / d scale = (q - zero) - p * u
         d out / d zero  = (p - 1) * scale
     Forward saves p (float16 holds 0, 1/2, 1 exactly) and, when the scale trains, the scale factor,
-    so backward is three products and two sums. Spelled out in autograd the quantizer was eight
-    nodes, and recomputing the rounding in backward another twenty operations: on the embedded
-    default's 8 x 8 maps each costs its dispatch more than its arithmetic, and together they were
-    most of a distillation update. Values equal the spelled-out version's exactly, gradients to
-    float rounding (tests/test_distill.py)."""
+    so backward is three products, a difference and two sums. Recomputing the rounding and masks
+    in backward instead took about twenty operations; on the embedded default's 8 x 8 maps each
+    costs its dispatch more than its arithmetic (docs/profile.md). Values equal the spelled-out
+    version's exactly, gradients to float rounding (tests/test_distill.py)."""
 
     @staticmethod
     def forward(ctx, x, scale, zero, qmax, round_zero=False):
@@ -323,15 +320,12 @@ class WeightRefresher:
         if not self.bank:
             return
         with torch.no_grad():
-            # per element: its output channel's index into the concatenated scales, and the layer's
-            # frozen weight, input-channel smoothing, zero-point and qmax
-            self.channel = torch.cat([torch.arange(m.layer.weight.shape[0], device=m.w_zero.device)
-                                      .repeat_interleave(n // m.layer.weight.shape[0])
-                                      for m, n in zip(self.bank, self.sizes)])
-            self.channel += torch.cat([torch.full((n,), off, dtype=torch.long, device=self.channel.device) for n, off in
-                                       zip(self.sizes, [0] + list(itertools.accumulate(m.w_zero.numel() for m in self.bank))[:-1])])
+            # per element of the flat weights: its output channel (an index into the concatenated
+            # scales), and its layer's frozen weight, input-channel smoothing, zero-point and qmax
+            fan_in = torch.cat([torch.full((m.layer.weight.shape[0],), m.layer.weight[0].numel()) for m in self.bank])
+            self.channel = torch.repeat_interleave(torch.arange(len(fan_in)), fan_in).to(self.bank[0].w_zero.device)
             self.weight = torch.cat([m.layer.weight.reshape(-1) for m in self.bank])
-            self.smooth = torch.cat([(torch.ones_like(m.layer.weight) * m._channel_view(m.smooth, m.layer.weight.dim(), 1))
+            self.smooth = torch.cat([m._channel_view(m.smooth, m.layer.weight.dim(), 1).expand_as(m.layer.weight)
                                      .reshape(-1) for m in self.bank])
             self.zero = torch.cat([m.w_zero for m in self.bank])[self.channel]
             self.qmax = (2.0 ** torch.cat([m.bits for m in self.bank]).float() - 1)[self.channel]

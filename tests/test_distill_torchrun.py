@@ -48,10 +48,10 @@ def trained(path):
     return ckpt["unet_state_dict"], ckpt["history"]
 
 
-def assert_history_close(h1, h2, rtol):
+def assert_history_close(h1, h2, rtol, keys=("mse", "trd")):
     assert [h["iter"] for h in h1] == [h["iter"] for h in h2]
     for a, b in zip(h1, h2):  # the logged losses are means over all trajectories, as one process logs them
-        assert abs(a["mse"] - b["mse"]) <= rtol * a["mse"] and abs(a["trd"] - b["trd"]) <= rtol * a["trd"], (a, b)
+        assert all(abs(a[k] - b[k]) <= rtol * a[k] for k in keys), (a, b)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,10 @@ def test_two_processes_make_the_one_process_lora_updates(quant_ckpts, tmp_path):
 def test_two_processes_make_the_one_process_updates(quant_ckpts, default_rates):
     """Every parameter training (default rates): the activation scales' gradients are sums of many
     terms that nearly cancel, and AdamW's first steps follow their sign, so float rounding can move an
-    entry by up to one step of its learning rate; everything else stays at rounding."""
+    entry by up to one step of its learning rate; everything else stays at rounding. The loss log is
+    compared as the iteration's mean MSE over its steps and the relation loss: the MSE of its last
+    step alone depends on that step's own activation scales, which such a step moves by several %
+    (9 % at the fourth iteration here, where the mean moved 0.4 %)."""
     tmp, ((sd1, h1), (sd2, h2)) = default_rates
     base = torch.load(quant_ckpts["omq"], weights_only=True)["unet_state_dict"]
     steps = {"a_scale": 5e-4, "a_zero": 5e-4, "w_scale": 1e-6}  # distill.py's --lr-act, --lr-wq
@@ -88,7 +91,7 @@ def test_two_processes_make_the_one_process_updates(quant_ckpts, default_rates):
         atol = steps.get(kind, 1e-5) if kind in steps or k.endswith("layer.weight") else 0
         assert torch.allclose(sd1[k], sd2[k], rtol=0, atol=atol), (k, (sd1[k] - sd2[k]).abs().max())
     assert sum(not torch.equal(sd1[k], base[k]) for k in sd1 if k.endswith("a_scale")) > 90  # they trained
-    assert_history_close(h1, h2, rtol=1e-2)
+    assert_history_close(h1, h2, rtol=1e-2, keys=("mse_mean", "trd"))
     assert not (tmp / "two.pt.state.pt").exists()
 
 
