@@ -265,7 +265,7 @@ if features == "inception":
         if spatial_ok[0] is None:  # the TF graph resizes inside; our spatial path must see what it sees
             again = inception.layers(x299).reshape(len(x), -1)
             spatial_ok[0] = bool(torch.allclose(again, pool, rtol=1e-4, atol=1e-4))
-        spatial = mixed_6_conv(inception, x299) if spatial_ok[0] else torch.zeros(len(x), 0)
+        spatial = mixed_6_conv(inception, x299) if spatial_ok[0] else torch.zeros(len(x), 0, device=x.device)
         return pool, probs, spatial
 
     fn_resize = build_resizer(args.mode)

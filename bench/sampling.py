@@ -4,7 +4,8 @@ integer kernels, models/int8.py), with checkpoint sizes, the int8 path's agreeme
 path and where the int8 model's time goes.
 
     python bench/sampling.py                 # embedded default + LDM-4 ImageNet-sized UNet (2 steps on CPU)
-    python bench/sampling.py --device cuda   # on a GPU (no int8 column: the kernels are CPU ones)
+    python bench/sampling.py --device cuda   # on a GPU (no int8 column: the kernels are CPU ones; instead
+                                             # a table of what int8 matmul PyTorch has there, torch._int_mm)
 
 The quantized models are W2A4 with min/max quantizers set from one full-precision forward (speed does
 not depend on their values; the agreement check needs live ones): per-step activation quantization,
@@ -127,6 +128,34 @@ def breakdown(unet, model, n, guidance):
     return out, total
 
 
+def gpu_int8_matmul():
+    """What a GPU integer path could gain: torch._int_mm (int8 x int8 -> int32, the one int8 GEMM
+    PyTorch exposes on CUDA) against FP32 and bf16 matmul, at the cin256-v2 spatial transformers'
+    linear shapes for 8 images with guidance (16 rows x tokens). The matmul alone: no quantization of
+    the input, no dequantization of the output. Milliseconds per product, median of 50 after 10."""
+    shapes = [(16 * 1024, 384, 384), (16 * 1024, 384, 3072), (16 * 1024, 1536, 384), (16 * 256, 576, 4608),
+              (16 * 64, 960, 7680)]
+    out = []
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+        kinds = {"FP32": (a, b, torch.mm), "bf16": (a.bfloat16(), b.bfloat16(), torch.mm),
+                 "int8 (_int_mm)": (a.clamp(-127, 127).to(torch.int8), b.clamp(-127, 127).to(torch.int8), torch._int_mm)}
+        ms = {}
+        for kind, (x, y, mm) in kinds.items():
+            times = []
+            for i in range(60):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                mm(x, y)
+                end.record()
+                torch.cuda.synchronize()
+                if i >= 10:
+                    times.append(start.elapsed_time(end))
+            ms[kind] = sorted(times)[len(times) // 2]
+        out.append(((m, k, n), ms))
+    return out
+
+
 rows, breakdowns = [], []
 
 
@@ -200,3 +229,11 @@ if not no_int8:
         print("| kind | seconds | share |\n|---|---|---|")
         for kind, sec in parts.items():
             print(f"| {kind} | {sec:.4f} | {100 * sec / total:.1f}% |")
+if on_gpu:
+    print("\nint8 matmul on this GPU (torch._int_mm, the matmul alone) against FP32 (TF32 "
+          f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}) and bf16; ms per product, median of 50.\n")
+    print("| M x K x N | FP32 | bf16 | int8 | int8 vs FP32 | int8 vs bf16 |\n|---|---|---|---|---|---|")
+    for (m, k, n), ms in gpu_int8_matmul():  # last: the tables above are printed whatever happens here
+        i8 = ms["int8 (_int_mm)"]
+        print(f"| {m} x {k} x {n} | {ms['FP32']:.3f} | {ms['bf16']:.3f} | {i8:.3f} | {ms['FP32'] / i8:.2f}x | "
+              f"{ms['bf16'] / i8:.2f}x |")

@@ -173,12 +173,13 @@ class QuantLayer(nn.Module):
         self.frozen = False  # a packed layer: layer.weight already holds the dequantized weight
         self.smoothed = True
         out_ch, in_ch = layer.weight.shape[:2]
-        self.register_buffer("smooth", torch.ones(in_ch))
-        self.register_buffer("bits", torch.full((out_ch,), wbits, dtype=torch.int8))
-        self.w_scale = nn.Parameter(torch.ones(out_ch))
-        self.register_buffer("w_zero", torch.zeros(out_ch))
-        self.a_scale = nn.Parameter(torch.ones(n_steps))
-        self.a_zero = nn.Parameter(torch.zeros(n_steps))
+        dev = layer.weight.device  # the wrapped layer's: quantize.py wraps a model already on the GPU
+        self.register_buffer("smooth", torch.ones(in_ch, device=dev))
+        self.register_buffer("bits", torch.full((out_ch,), wbits, dtype=torch.int8, device=dev))
+        self.w_scale = nn.Parameter(torch.ones(out_ch, device=dev))
+        self.register_buffer("w_zero", torch.zeros(out_ch, device=dev))
+        self.a_scale = nn.Parameter(torch.ones(n_steps, device=dev))
+        self.a_zero = nn.Parameter(torch.zeros(n_steps, device=dev))
         self.lora_A = self.lora_B = None
         self.recompute = False  # training: recompute activations in backward (distill.py --recompute)
 
@@ -215,6 +216,14 @@ class QuantLayer(nn.Module):
         else:
             self.w_q = self.quant_weight()
         self.note_smoothing()
+
+    def _apply(self, fn, recurse=True):
+        """.to(device) and friends move the cached fake-quantized weight too (it is no parameter or
+        buffer): a checkpoint is loaded on the CPU, its weights fake-quantized once, then moved."""
+        super()._apply(fn, recurse)
+        if self.w_q is not None:
+            self.w_q = self.layer.weight if self.frozen else fn(self.w_q)
+        return self
 
     def note_smoothing(self):
         """Whether inputs are divided by the smoothing scale: most layers skip the division."""

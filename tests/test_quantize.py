@@ -117,6 +117,28 @@ def test_split_scores_from_per_channel_errors_equal_direct_output_errors(kind):
         assert n == count and abs(scored - direct / n) <= 1e-5 * direct / n, (k, scored, direct / n)
 
 
+def test_quant_model_is_built_on_the_fp_models_device():
+    """quantize.py wraps a model already on --device: every quantizer tensor must be made there, or
+    calibration mixes devices (found on a GPU). CI has no GPU; the meta device stands in for it."""
+    from models.digits import DEFAULT_CHECKPOINT
+    from models.checkpoint import load_fp_model
+    from models.qmodel import build_quant_model
+    fp = load_fp_model(DEFAULT_CHECKPOINT).to("meta")
+    q = build_quant_model(fp, dict(wbits=2, abits=4, steps=4, quantize_all=False, quantize_conv1d=False))
+    layers = quant_layers(q.unet)
+    assert layers and all(t.device.type == "meta" for m in layers.values() for t in [*m.parameters(), *m.buffers()])
+
+
+def test_moving_a_quant_model_moves_its_fake_quantized_weights(quant_ckpts):
+    """distill.py and sample.py load on the CPU (weights fake-quantized once, there) and then move the
+    model to --device: the cached weights must follow, or the first forward mixes devices."""
+    _, q, _ = load_quant_model(quant_ckpts["omq"])
+    layers = [m for m in quant_layers(q.unet).values() if m.mode != "fp"]
+    assert layers and all(m.w_q is not None for m in layers)
+    q.to("meta")
+    assert all(m.w_q.device.type == "meta" for m in layers)
+
+
 def test_kurtosis_ranks_outliers_high():
     w = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
     w[1, 0] = 50.0
