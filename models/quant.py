@@ -60,9 +60,9 @@ class FakeQuant(torch.autograd.Function):
         out = clamp_codes(r, qmax).sub_(zero)  # q - zero
         ctx.shapes = scale.shape, zero.shape
         if any(ctx.needs_input_grad[:3]):  # p = clamp(min(r + 1/2, qmax + 1/2 - r), 0, 1): r is an integer
-            r.add_(0.5)
-            p = torch.minimum(r, torch.rsub(r, qmax + 1.0)).clamp_(0, 1)
-            factor = torch.addcmul(out, p, u, value=-1) if ctx.needs_input_grad[1] else None
+            r.add_(0.5)  # r is free now: p is made in its memory
+            p = torch.minimum(r, torch.rsub(r, qmax + 1.0), out=r).clamp_(0, 1)
+            factor = torch.addcmul(out, p, u, value=-1, out=u) if ctx.needs_input_grad[1] else None
             ctx.save_for_backward(p.half(), factor, scale)
         return out.mul_(scale)
 
@@ -71,8 +71,15 @@ class FakeQuant(torch.autograd.Function):
         p, factor, scale = ctx.saved_tensors
         scale_shape, zero_shape = ctx.shapes
         grad_x = grad * p
-        grad_scale = (grad * factor).sum_to_size(scale_shape) if ctx.needs_input_grad[1] else None
-        grad_zero = ((grad_x - grad) * scale).sum_to_size(zero_shape) if ctx.needs_input_grad[2] else None
+        grad_scale = grad_zero = None
+        if scale.numel() == 1 and factor is not None:  # an activation's one scale: a dot product, no temporary
+            grad_scale = torch.dot(grad.reshape(-1), factor.reshape(-1)).reshape(scale_shape)
+        elif ctx.needs_input_grad[1]:
+            grad_scale = (grad * factor).sum_to_size(scale_shape)
+        if ctx.needs_input_grad[2] and scale.numel() == 1 and len(zero_shape) == 0:  # sums, no temporary
+            grad_zero = (grad_x.sum() - grad.sum()) * scale.reshape(())
+        elif ctx.needs_input_grad[2]:
+            grad_zero = ((grad_x - grad) * scale).sum_to_size(zero_shape)
         return grad_x if ctx.needs_input_grad[0] else None, grad_scale, grad_zero, None, None
 
 
@@ -311,46 +318,67 @@ def refresh_weights(module):
         m.refresh()
 
 
+# WeightRefresher's pieces: rows of weights of one fan-in, up to this many elements, so that a
+# FakeQuant's half-dozen temporaries stay in the CPU's cache
+BANK_CHUNK = 1 << 17
+
+
 class WeightRefresher:
     """refresh_weights for a training loop: the small layers' weights (below RECOMPUTE_MIN_WEIGHTS:
-    all of the embedded default's) fake-quantized together, as one flat tensor through one
-    FakeQuant, instead of layer by layer. Per layer that leaves only the LoRA product B A; the
-    smoothing, zero-points and bit-widths become per-element tensors built once here, since they do
-    not change in training (the weight scales do and are gathered each time). On the embedded
-    default's 113 small layers the per-layer version was a dozen tiny operations each way per layer.
-    The weights equal refresh_weights' exactly, the gradients to float rounding (the sums over a
-    channel run in another order; tests/test_distill.py). The large layers refresh as before."""
+    all of the embedded default's) fake-quantized together instead of layer by layer. Layers of one
+    fan-in are stacked as rows of one [channels, fan-in] tensor, cut into pieces of at most
+    BANK_CHUNK elements; each piece goes through one FakeQuant, its scales, zero-points and qmax a
+    column that broadcasts. Per layer that leaves only the LoRA product B A; the frozen weights,
+    smoothing, zero-points and bit-widths are stacked once here, since they do not change in
+    training (the weight scales do and are stacked each time). On the embedded default's 113 small
+    layers the per-layer version was a dozen tiny operations each way per layer; one flat tensor of
+    all of them (the version before) spent its time waiting on memory: its temporaries, 4 MB each,
+    did not fit the cache, and the per-element scale gather and its backward cost as much again.
+    The weights equal refresh_weights' exactly, the gradients to float rounding (tests/test_distill.py).
+    The large layers refresh as before."""
 
     def __init__(self, module):
         layers = [m for m in quant_layers(module).values() if m.mode != "fp"]
         self.bank = [m for m in layers if not m.frozen and m.layer.weight.numel() < RECOMPUTE_MIN_WEIGHTS]
         self.rest = [m for m in layers if m not in self.bank]
-        self.sizes = [m.layer.weight.numel() for m in self.bank]
-        if not self.bank:
-            return
-        with torch.no_grad():
-            # per element of the flat weights: its output channel (an index into the concatenated
-            # scales), and its layer's frozen weight, input-channel smoothing, zero-point and qmax
-            fan_in = torch.cat([torch.full((m.layer.weight.shape[0],), m.layer.weight[0].numel()) for m in self.bank])
-            self.channel = torch.repeat_interleave(torch.arange(len(fan_in)), fan_in).to(self.bank[0].w_zero.device)
-            self.weight = torch.cat([m.layer.weight.reshape(-1) for m in self.bank])
-            self.smooth = torch.cat([m._channel_view(m.smooth, m.layer.weight.dim(), 1).expand_as(m.layer.weight)
-                                     .reshape(-1) for m in self.bank])
-            self.zero = torch.cat([m.w_zero for m in self.bank])[self.channel]
-            self.qmax = (2.0 ** torch.cat([m.bits for m in self.bank]).float() - 1)[self.channel]
+        by_fan_in = {}
         for m in self.bank:
             m.note_smoothing()
+            by_fan_in.setdefault(m.layer.weight[0].numel(), []).append(m)
+        self.pieces = []  # (layers, their frozen weights, smoothing or None, zero-points, qmax)
+        with torch.no_grad():
+            for fan_in, group in sorted(by_fan_in.items()):
+                piece = []
+                for m in group + [None]:
+                    rows = sum(p.layer.weight.shape[0] for p in piece)
+                    if piece and (m is None or (rows + m.layer.weight.shape[0]) * fan_in > BANK_CHUNK):
+                        self.pieces.append(self._stack(piece, fan_in))
+                        piece = []
+                    if m is not None:
+                        piece.append(m)
+
+    @staticmethod
+    def _stack(layers, fan_in):
+        weight = torch.cat([m.layer.weight.reshape(-1, fan_in) for m in layers])
+        smooth = None
+        if any(m.smoothed for m in layers):  # x 1 is exact: unsmoothed layers of the piece may share it
+            smooth = torch.cat([m._channel_view(m.smooth, m.layer.weight.dim(), 1).expand_as(m.layer.weight)
+                                .reshape(-1, fan_in) for m in layers])
+        zero = torch.cat([m.w_zero for m in layers])[:, None]
+        qmax = (2.0 ** torch.cat([m.bits for m in layers]).float() - 1)[:, None]
+        return layers, weight, smooth, zero, qmax
 
     def __call__(self):
         for m in self.rest:
             m.refresh()
-        if not self.bank:
-            return
-        w = self.weight
-        if any(m.lora_A is not None for m in self.bank):
-            w = w + torch.cat([(m.lora_B @ m.lora_A).reshape(-1) if m.lora_A is not None else
-                               torch.zeros(n, dtype=w.dtype, device=w.device) for m, n in zip(self.bank, self.sizes)])
-        scale = torch.cat([m.w_scale for m in self.bank]).abs().clamp(min=1e-8)[self.channel]
-        w_q = fake_quant(w * self.smooth, scale, self.zero, self.qmax)
-        for m, v in zip(self.bank, w_q.split(self.sizes)):
-            m.w_q = v.view(m.layer.weight.shape)
+        for layers, weight, smooth, zero, qmax in self.pieces:
+            w = weight
+            if any(m.lora_A is not None for m in layers):
+                w = w + torch.cat([m.lora_B @ m.lora_A if m.lora_A is not None else torch.zeros_like(m.layer.weight)
+                                   .reshape(m.layer.weight.shape[0], -1) for m in layers])
+            if smooth is not None:
+                w = w * smooth
+            scale = torch.cat([m.w_scale for m in layers]).abs().clamp(min=1e-8)[:, None]
+            w_q = fake_quant(w, scale, zero, qmax)
+            for m, v in zip(layers, w_q.split([m.layer.weight.shape[0] for m in layers])):
+                m.w_q = v.view(m.layer.weight.shape)

@@ -251,11 +251,15 @@ def test_fake_quant_node_has_the_spelled_out_straight_through_gradients():
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_weight_refresher_equals_refresh_weights(quant_ckpts):
-    """distill.py's WeightRefresher (the small layers fake-quantized as one flat tensor) gives every
-    layer exactly refresh_weights' weight, and the LoRA and weight-scale gradients to float rounding;
-    a layer it did not bank (frozen) refreshes as before."""
+@pytest.mark.parametrize("chunk", [1 << 17, 3000])
+def test_weight_refresher_equals_refresh_weights(quant_ckpts, monkeypatch, chunk):
+    """distill.py's WeightRefresher (the small layers stacked by fan-in, in pieces, each fake-quantized
+    at once) gives every layer exactly refresh_weights' weight, and the LoRA and weight-scale
+    gradients to float rounding; a layer it did not bank (frozen) refreshes as before. A small chunk
+    cuts a fan-in's layers into several pieces."""
+    import models.quant
     from models.quant import WeightRefresher
+    monkeypatch.setattr(models.quant, "BANK_CHUNK", chunk)
     _, qmodel, _ = student(quant_ckpts["all"])
     layers = [m for m in quant_layers(qmodel.unet).values() if m.mode != "fp"]
     layers[0].frozen = True  # a packed layer: refreshed by itself, not banked
@@ -263,9 +267,14 @@ def test_weight_refresher_equals_refresh_weights(quant_ckpts):
     for p in params:
         p.requires_grad_(True)
     g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        layers[2].smooth.copy_(torch.rand(layers[2].smooth.shape, generator=g) + 0.5)  # one smoothed layer
     upstream = [torch.randn(m.layer.weight.shape, generator=g) for m in layers]
     refresher = WeightRefresher(qmodel.unet)
     assert layers[0] in refresher.rest and len(refresher.bank) == len(layers) - 1
+    fan_ins = {m.layer.weight[0].numel() for m in refresher.bank}
+    assert len(refresher.pieces) >= len(fan_ins) and (chunk > 3000 or len(refresher.pieces) > len(fan_ins))
+    assert any(smooth is not None for _, _, smooth, _, _ in refresher.pieces)  # the smoothing is exercised
     results = []
     for refresh in (lambda: refresh_weights(qmodel.unet), refresher):
         refresh()
