@@ -348,14 +348,14 @@ class WeightRefresher:
         self.pieces = []  # (layers, their frozen weights, smoothing or None, zero-points, qmax)
         with torch.no_grad():
             for fan_in, group in sorted(by_fan_in.items()):
-                piece = []
-                for m in group + [None]:
-                    rows = sum(p.layer.weight.shape[0] for p in piece)
-                    if piece and (m is None or (rows + m.layer.weight.shape[0]) * fan_in > BANK_CHUNK):
+                piece, size = [], 0
+                for m in group:  # a layer is never split; one larger than BANK_CHUNK is a piece alone
+                    if piece and size + m.layer.weight.numel() > BANK_CHUNK:
                         self.pieces.append(self._stack(piece, fan_in))
-                        piece = []
-                    if m is not None:
-                        piece.append(m)
+                        piece, size = [], 0
+                    piece.append(m)
+                    size += m.layer.weight.numel()
+                self.pieces.append(self._stack(piece, fan_in))
 
     @staticmethod
     def _stack(layers, fan_in):
