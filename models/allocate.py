@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.quant import range_search
+from models.quant import code_max, range_search
 
 def kurtosis(w):
     """Per output channel: fourth central moment over the squared variance."""
@@ -93,7 +93,7 @@ def smoothing_scale(layer, inputs, alpha):
 
 def _calibrate_activations(q, inputs):
     """One activation range per sampling step, searched on that step's smoothed inputs."""
-    qmax_a = 2.0 ** q.abits - 1
+    qmax_a = code_max(q.abits)
     for step, x in inputs.items():
         dim = 1 if isinstance(q.layer, (nn.Conv1d, nn.Conv2d)) else x.dim() - 1
         view = [1] * x.dim()
@@ -129,7 +129,7 @@ def calibrate_layer(q, inputs, method="omq", smooth_alphas=(0.5,), group_frac=0.
         ranges, weights = [], []
         for b in options:  # each bit-width's per-channel ranges and fake-quantized weight
             q.bits.fill_(b)
-            scale, zero = range_search(w, 2.0 ** b - 1, dim=0)
+            scale, zero = range_search(w, code_max(b), dim=0)
             q.w_scale.copy_(scale)
             q.w_zero.copy_(zero)
             ranges.append((scale, zero))

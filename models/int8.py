@@ -25,7 +25,7 @@ Convolutions run in channels-last layout (the kernels' own), so the whole UNet d
 import torch
 import torch.nn as nn
 
-from models.quant import QuantLayer, quant_int, quant_layers, scratch_like
+from models.quant import QuantLayer, code_max, quant_int, quant_layers, scratch_like
 
 
 def int8_unavailable(device):
@@ -83,7 +83,7 @@ class Int8Layer(nn.Module):
         out_ch = w_q.shape[0]
         view = lambda v: v.reshape([-1] + [1] * (w_q.dim() - 1))
         scale = q.w_scale.detach().abs().clamp(min=1e-8)
-        zero, qmax = q.w_zero.detach(), 2.0 ** q.bits.float() - 1
+        zero, qmax = q.w_zero.detach(), code_max(q.bits)
         if int(q.bits.max()) > 8 or q.abits > 8:
             raise CodesDoNotFit("more than 8 bits")
         codes = quant_int(w_q, view(scale), view(zero), view(qmax))
@@ -110,7 +110,7 @@ class Int8Layer(nn.Module):
         self.bias = torch.cat([bias, bias.new_zeros(padded - out_ch)])
         self.w_zp = torch.zeros(padded, dtype=torch.int32)
         self.smooth = q.smooth.detach().clone() if q.smoothed else None
-        self.qmax = 2.0 ** q.abits - 1
+        self.qmax = code_max(q.abits)
         self.a_scale = q.a_scale.detach().abs().clamp(min=1e-8)  # 0-dim per step, as QuantLayer divides by them
         self.a_zero = q.a_zero.detach().round()
         self.step = 0

@@ -9,7 +9,7 @@ weight is (code - zero) * scale with the same float32 scale and zero-point.
 import numpy as np
 import torch
 
-from models.quant import quant_int, quant_layers
+from models.quant import code_max, quant_int, quant_layers
 
 def pack_codes(codes, bits):
     """Unsigned integers < 2**bits (any shape) -> uint8 bytes, `bits` bits each, LSB first."""
@@ -27,7 +27,7 @@ def layer_codes(q):
     """Integer codes [out, ...] of a QuantLayer's current (merged) weight."""
     w = q.smoothed_weight().detach()
     view = lambda v: v.reshape([-1] + [1] * (w.dim() - 1))
-    qmax = view(2.0 ** q.bits.float() - 1)
+    qmax = view(code_max(q.bits))
     return quant_int(w, view(q.w_scale.detach().abs().clamp(min=1e-8)), view(q.w_zero), qmax)
 
 

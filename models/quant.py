@@ -24,6 +24,12 @@ def round_ste(x):
     return (x.round() - x).detach() + x
 
 
+def code_max(bits):
+    """The largest code of a b-bit quantizer, 2^b - 1, as a float: bits an int, or a tensor of
+    per-channel bit-widths (a float tensor out)."""
+    return 2.0 ** (bits.float() if torch.is_tensor(bits) else bits) - 1
+
+
 def clamp_codes(r, qmax):
     """clamp(r, 0, qmax) as a new tensor; qmax a float or a tensor broadcasting to r's shape."""
     if isinstance(qmax, float):
@@ -206,7 +212,7 @@ class QuantLayer(nn.Module):
     def quant_weight(self):
         w = self.smoothed_weight()
         view = lambda v: self._channel_view(v, w.dim(), 0)
-        qmax = view((2 ** self.bits.float()) - 1)
+        qmax = view(code_max(self.bits))
         return fake_quant(w, view(self.w_scale.abs().clamp(min=1e-8)), view(self.w_zero), qmax)
 
     def refresh(self):
@@ -271,7 +277,7 @@ class QuantLayer(nn.Module):
             dim = 1 if isinstance(self.layer, (nn.Conv1d, nn.Conv2d)) else x.dim() - 1
             smooth = self._channel_view(self.smooth, x.dim(), dim)
         scale = self.a_scale[self.step].abs().clamp(min=1e-8)
-        qmax = 2.0 ** self.abits - 1
+        qmax = code_max(self.abits)
         if torch.is_grad_enabled():
             x = x / smooth if self.smoothed else x
             return fake_quant(x, scale, self.a_zero[self.step], qmax, round_zero=True)
@@ -365,7 +371,7 @@ class WeightRefresher:
             smooth = torch.cat([m._channel_view(m.smooth, m.layer.weight.dim(), 1).expand_as(m.layer.weight)
                                 .reshape(-1, fan_in) for m in layers])
         zero = torch.cat([m.w_zero for m in layers])[:, None]
-        qmax = (2.0 ** torch.cat([m.bits for m in layers]).float() - 1)[:, None]
+        qmax = code_max(torch.cat([m.bits for m in layers]))[:, None]
         return layers, weight, smooth, zero, qmax
 
     def __call__(self):
