@@ -25,6 +25,11 @@ same ones a single process runs: a trajectory is fixed by the seed and its index
 DistributedDataParallel averages the gradients, so each update is the single-process update; rank 0
 alone writes the checkpoints, the resume state and the report.
 
+--teacher-cache DIR keeps the FP teacher's side of each iteration (every step's inputs, output and
+features) in DIR: the runs of one training seed walk the same trajectories whatever the quantized
+model, so a later run reads them instead of running the teacher, and trains on the same tensors bit
+for bit (bench/reproduce.py shares one directory across its runs).
+
 Reductions: MSE is the mean over elements; the KL is summed over each relation row's distribution
 and averaged over rows and samples, so neither scale depends on batch or image size. The official
 code uses summed MSE + 100 x summed KL, the KL over both guidance halves' features and the MSE over
@@ -52,11 +57,11 @@ from tqdm import tqdm
 from models.cli import (add_trust_flag, auto_or, check_device, check_finite, check_output, exit_on_interrupt,
                         finite_float, init_distributed, load_resume_state, nonneg_float, plain_args, positive_float,
                         positive_int)
-from models.checkpoint import load_quant_model, quant_checkpoint, save_atomic, save_with_report, sha256_file, write_packed
+from models.checkpoint import fp_fingerprint, load_quant_model, quant_checkpoint, save_atomic, save_with_report, sha256_file, write_packed
 from models.diffusion import DDIM, combine_guidance, is_guided
 from models.quant import WeightRefresher, quant_layers, refresh_weights, set_step
 from models.safe_load import allow_pickle
-from models.trajectory import HELD_OUT_SEED_OFFSET, eps_mse, fp_trajectory
+from models.trajectory import HELD_OUT_SEED_OFFSET, TeacherCache, eps_mse, fp_trajectory
 from models.trd import WindowSmoother, relation_kl
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,6 +96,8 @@ parser.add_argument("--pack", action="store_true", help="also write <out>.packed
 parser.add_argument("--recompute", action="store_true",
                     help="keep only each quantized layer's input for backward and recompute the rest there "
                          "(less activation memory, about a third more time)")
+parser.add_argument("--teacher-cache", type=Path, default=None,
+                    help="directory that keeps the FP teacher's trajectories for other runs of this seed (see the top)")
 parser.add_argument("--profile", action="store_true",
                     help="time each part of an update (teacher, weight refresh, student forward, losses, backward, "
                          "optimizer) into the report JSON; synchronizes CUDA, so it slows a GPU run a little")
@@ -205,6 +212,12 @@ if args.trd == "on" and args.lam != "auto":
     lam = float(args.lam)
 elif args.trd == "on":  # the official summed weighting for our mean reductions (see the top)
     lam = (200.0 if mse_guided else 100.0) * fp_feat["f"].shape[2] * fp_feat["f"].shape[3] / math.prod(fp_model.latent_shape)
+teacher = fp_trajectory
+if args.teacher_cache:  # everything that fixes the teacher's tensors, and nothing else (not the quantized model)
+    cache = TeacherCache(args.teacher_cache, fp=fp_fingerprint(qckpt["fp"]), guidance=guidance, steps=ddim.steps,
+                         eta=ddim.eta, timesteps=[int(t) for t in ddim.timesteps], feature_block=args.feature_block,
+                         device=device.type, threads=torch.get_num_threads())
+    teacher = lambda *a: cache.steps(*a, features=fp_feat)  # noqa: E731
 relation_steps = [i for i in range(ddim.steps) if lam is not None and (
     args.trd_every == "step" or (i + 1) % args.window == 0 or i == ddim.steps - 1)]  # a last, shorter window too
 
@@ -238,7 +251,7 @@ for it in range(start_iter, args.iters):
     loss_trd = torch.zeros((), device=device)
     mse_sum = torch.zeros((), device=device)  # over the iteration's updates: the training MSE the history logs
     lap()
-    for i, inputs, out_fp in fp_trajectory(fp_model, ddim, ids, args.seed, guidance, device):  # fp_feat: its features
+    for i, inputs, out_fp in teacher(fp_model, ddim, ids, args.seed, guidance, device):  # fp_feat: its features
         lap("teacher")
         refresh()  # fake-quantize the weights once for this update
         set_step(qmodel.unet, i)
@@ -321,11 +334,15 @@ save_with_report(ckpt, out_path, dict(distill=distill_settings, eps_mse_before=m
                                       **{f"eps_mse_after_{k}": v for k, v in parts_after.items()},
                                       seconds=elapsed, seconds_train=seconds_train, updates_run=updates_run,
                                       lr_lora_per_layer=lr_lora, history=history,
+                                      **({"teacher_cache": dict(dir=str(args.teacher_cache), batches_read=cache.hits,
+                                                                batches_computed=cache.misses)} if args.teacher_cache else {}),
                                       **({"seconds_per_update_by_phase": {k: v / max(updates_run, 1) for k, v in phase_seconds.items()}}
                                          if args.profile else {})))
 if args.pack:
     write_packed(qmodel, out_path.with_suffix(".packed.pt"), distill=distill_settings)
 state_path.unlink(missing_ok=True)
+if args.teacher_cache:
+    print(f"teacher cache {args.teacher_cache}: {cache.hits} batches read, {cache.misses} computed and written")
 print(f"wrote {out_path} in {elapsed:.0f} s ({seconds_train / max(updates_run, 1):.2f} s per update)")
 if device.type == "cuda":
     print(f"peak CUDA memory allocated: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")

@@ -34,6 +34,10 @@ each cell's choice ends between two worse neighbours under the same rule for eve
 "FID vs FP" and "eps MSE" columns measure fidelity to the FP model: the in-domain FID between a row's samples and the FP model's samples of
 the same seed, and the held-out one-step noise-prediction error.
 
+Every distillation run shares <out>/teacher (distill.py --teacher-cache): the FP teacher's trajectories
+of a training seed are computed by its first runs and read by the others (the same tensors; about
+230 MB per seed at 800 updates; delete it when the sweep is done).
+
 --jobs 2 runs two runs at a time with one thread each (on 2 cores: about 1.6x the throughput of one
 2-thread job, measured; never run two 2-thread torch jobs at once). Figures then differ from a
 --jobs 1 run in the last float bits.
@@ -193,7 +197,8 @@ def distill(job):
         path.parent.mkdir(exist_ok=True)
         resume = ["--resume"] if path.with_name(path.name + ".state.pt").exists() else []  # a stopped sweep's last state
         run(path.stem + "_distill", "distill.py", "--qckpt", quant_path(CELLS[cell][0], n, seed), "--trd", CELLS[cell][1],
-            "--seed", seed, "--lr-mult", mult, "--iters", iters, "--out", path, "--force", *resume)
+            "--seed", seed, "--lr-mult", mult, "--iters", iters, "--out", path, "--force", *resume,
+            "--teacher-cache", args.out / "teacher")
     return json.loads(path.with_suffix(".json").read_text())
 
 

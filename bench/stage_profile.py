@@ -6,6 +6,7 @@ the machine.
     python bench/stage_profile.py                       # 1 and 2 threads, 100 distillation updates each
     python bench/stage_profile.py --root ../other/tree  # the same stages of another checkout (e.g. an older commit)
     python bench/stage_profile.py --against ../old/tree --threads 1   # only the update, the two checkouts in turns
+    python bench/stage_profile.py --against ../old/tree --threads 1 --teacher-cache   # this one reading the teacher from disk
 
 The main job (`bench/reproduce.py --bits 2 --cells fp,baseline,mpqdm --jobs 2`) runs the FP model's
 samples first, then the two arms side by side with one thread each, so the 1-thread figures are the
@@ -34,6 +35,9 @@ parser.add_argument("--against", type=Path, default=None,
                     help="another checkout (e.g. an older commit): only the distillation update, timed in turns with "
                          "this one's, --repeats pairs at the first of --threads, on one quantized model")
 parser.add_argument("--repeats", type=int, default=3)
+parser.add_argument("--teacher-cache", action="store_true",
+                    help="with --against: this checkout's runs read the FP teacher from distill.py --teacher-cache, "
+                         "filled by one untimed run first (what every run of a seed after its first does in a sweep)")
 args = parser.parse_args()
 root = args.root.resolve()
 
@@ -55,16 +59,22 @@ if args.against:  # the update of two checkouts, in turns, so that the host's dr
     with tempfile.TemporaryDirectory() as tmp:
         q = Path(tmp) / "q.pt"
         run(threads, "quantize.py", "--wbits", 2, "--abits", 4, "--method", args.method, "--seed", 0, "--out", q)
+        cache = ["--teacher-cache", Path(tmp) / "teacher"] if args.teacher_cache else []
+        distill = lambda name, d: run(threads, "distill.py", "--qckpt", q, "--trd", args.trd, "--iters", args.iters,  # noqa: E731
+                                      "--seed", 0, "--eval-samples", 16, "--profile", "--out", d, "--force",
+                                      *(cache if name == "this" else []), cwd=checkouts[name])
+        if cache:
+            distill("this", Path(tmp) / "warm.pt")
         for _ in range(args.repeats):
-            for name, cwd in checkouts.items():
+            for name in checkouts:
                 d = Path(tmp) / f"{name}.pt"
-                run(threads, "distill.py", "--qckpt", q, "--trd", args.trd, "--iters", args.iters, "--seed", 0,
-                    "--eval-samples", 16, "--profile", "--out", d, "--force", cwd=cwd)
+                distill(name, d)
                 report = json.loads(d.with_suffix(".json").read_text())
                 per[name].append(dict(report["seconds_per_update_by_phase"],
                                       update=report["seconds_train"] / report["updates_run"]))
     print(f"One distillation update, ms, {threads} thread{'s' * (threads > 1)}, {args.iters * 20} updates per run, "
-          f"{args.repeats} runs of each in turns (median; min-max):\n")
+          f"{args.repeats} runs of each in turns (median; min-max)"
+          f"{'; this checkout reading the teacher from a filled cache' if cache else ''}:\n")
     print(f"| part | {checkouts['against']} | {checkouts['this']} | ratio of medians |\n|---|---|---|---|")
     for part in per["this"][0]:
         cols = [sorted(1000 * r[part] for r in per[name]) for name in checkouts]

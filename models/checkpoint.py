@@ -125,6 +125,18 @@ def fp_reference(model, path, config_arg=None):
     return dict(config=model.config, path=str(path.resolve()), config_arg=config_arg, sha256=sha256_file(path))
 
 
+def fp_fingerprint(ref):
+    """A content hash of the full-precision model behind an fp_reference(): what keys the files that
+    depend on that model alone (distill.py's teacher cache)."""
+    if "sha256" in ref:
+        return ref["sha256"]
+    h = hashlib.sha256(repr(ref["config"]).encode())
+    for name, t in ref["state_dict"].items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_fp_reference(ref):
     if "state_dict" in ref:
         model = DiffusionModel(ref["config"])

@@ -303,3 +303,25 @@ def test_eval_every_logs_the_held_out_error_without_changing_the_run(quant_ckpts
     # the last one is the final model's figure before LoRA merging and float16 rounding of the quantizer parameters
     assert abs(held_out[-1] - b["eps_mse"]) <= 0.05 * b["eps_mse"]
     assert all(h["mse_mean"] > 0 for h in b["history"])
+
+
+def test_teacher_cache_is_shared_across_quantized_models_and_changes_nothing(quant_ckpts, tmp_path):
+    cache = tmp_path / "teacher"
+    # the uniform model's MSE-only run computes the teacher's batches; the OMQ model's TRD run reads them
+    run_script("distill.py", "--qckpt", quant_ckpts["uniform"], "--trd", "off", "--out", tmp_path / "writer.pt",
+               *QUICK_DISTILL, "--teacher-cache", cache)
+    run_script("distill.py", "--qckpt", quant_ckpts["omq"], "--out", tmp_path / "cached.pt", *QUICK_DISTILL,
+               "--teacher-cache", cache)
+    run_script("distill.py", "--qckpt", quant_ckpts["omq"], "--out", tmp_path / "plain.pt", *QUICK_DISTILL)
+    writer, cached = (json.loads((tmp_path / f"{n}.json").read_text())["teacher_cache"] for n in ("writer", "cached"))
+    assert (writer["batches_read"], writer["batches_computed"]) == (0, 3)
+    assert (cached["batches_read"], cached["batches_computed"]) == (3, 0)
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("plain", "cached"))
+    for k, v in a["unet_state_dict"].items():
+        assert torch.equal(v, b["unet_state_dict"][k]), k  # features included: the relation loss trained alike
+    assert a["history"] == b["history"]
+    # another guidance scale is another teacher: computed, not read
+    run_script("distill.py", "--qckpt", quant_ckpts["omq"], "--out", tmp_path / "other.pt", *QUICK_DISTILL,
+               "--guidance", 1.5, "--teacher-cache", cache)
+    other = json.loads((tmp_path / "other.json").read_text())["teacher_cache"]
+    assert (other["batches_read"], other["batches_computed"]) == (0, 3)
