@@ -303,11 +303,17 @@ if search:
         jobs = [(c, n, args.selection_seed, m, search_iters) for (c, n), ms in grids.items() for m in ms]
         todo = [j for j in jobs if key(*j) not in results["search"]]
         parallel(quantize, sorted({(CELLS[c][0], n, s) for c, n, s, m, i in todo}))
-        for j, report in zip(todo, parallel(search_distill, todo)):
-            results["search"][key(*j)] = dict(cell=j[0], wbits=j[1], seed=j[2], lr_mult=j[3], iters=j[4],
-                                              eps_mse=report["eps_mse_after"],
-                                              eps_mse_guided=report.get("eps_mse_after_guided"), seconds=report["seconds"])
-        save_results()
+        search_lock = threading.Lock()
+
+        def search_run(j):  # each run saved as it ends, so that a stopped round keeps its finished runs
+            report = search_distill(j)
+            with search_lock:
+                results["search"][key(*j)] = dict(cell=j[0], wbits=j[1], seed=j[2], lr_mult=j[3], iters=j[4],
+                                                  eps_mse=report["eps_mse_after"],
+                                                  eps_mse_guided=report.get("eps_mse_after_guided"), seconds=report["seconds"])
+                save_results()
+
+        parallel(search_run, todo)
         grown = False
         for (c, n), ms in grids.items():
             tried = [results["search"][key(c, n, args.selection_seed, m, search_iters)] for m in ms]
