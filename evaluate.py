@@ -5,6 +5,7 @@ the pipeline that produced it.
     python evaluate.py runs/samples/samples.npz                      # embedded default vs. the real digits
     python evaluate.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz --device cuda   # the papers' protocol
     python evaluate.py real_images/ --save-ref ref.npz               # a reference batch of your own (LSUN)
+    python evaluate.py runs/samples/mpqdm/samples.npz --against runs/samples/fp/samples.npz   # paired fidelity
 
 Feature networks:
   digits     the in-domain digit classifier that train.py trains and the repo ships (offline).
@@ -27,6 +28,14 @@ StyleGAN2-ADA computes it), mean and std over --is-splits splits (10, as ADM and
 precision/recall = Kynkaanniemi et al. 2019 with k-NN manifolds (k = --k), computed --block rows at
 a time (memory: a few block x N x 4-byte distance blocks, 51 MB each for 256 x 50,000); sFID = Frechet distance of spatial
 features (Inception: the first 7 channels of mixed_6/conv, 7 x 17 x 17, as ADM's evaluator).
+Paired fidelity (--against FP_SAMPLES): the samples and FP_SAMPLES must be the same images of the same
+seed (sample.py: image i from the generator of (seed, i), class i mod classes), one made by the
+quantized model, one by the full-precision model. Per image: PSNR in pixels (decoded images for latent
+models) and the Euclidean distance of the two images' pool features in the feature network; the mean
+of each with a 95 % percentile-bootstrap interval over images (models/paired.py). Per-image values go to
+<out stem>.paired.npz for pooling over runs (bench/reproduce.py). A pair whose sample.py records
+(samples.json beside each .npz) show other seeds, counts or classes is refused.
+
 Images are read a batch at a time (an .npz member is streamed, a folder is read file by file), so
 memory grows with N only by the features.
 """
@@ -48,6 +57,7 @@ from models.checkpoint import load_classifier
 from models.cli import add_trust_flag, check_device, check_output, exit_on_interrupt, positive_int
 from models.digits import DEFAULT_CLASSIFIER, load_digits
 from models.npz import NpzArray, npz_members, write_npz
+from models.paired import feature_distance, format_interval, interval, psnr
 from models.safe_load import UnsafeCheckpointError, allow_pickle
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's weights file name
@@ -68,6 +78,8 @@ parser.add_argument("--k", type=positive_int, default=3, help="neighbours for th
 parser.add_argument("--is-splits", type=positive_int, default=10, help="splits for the Inception Score's mean and std")
 parser.add_argument("--block", type=positive_int, default=256, help="distance-matrix rows held at once (precision/recall)")
 parser.add_argument("--batch-size", type=positive_int, default=256)
+parser.add_argument("--against", type=Path, default=None,
+                    help="the full-precision model's samples of the same seed and count: per-image paired fidelity")
 parser.add_argument("--save-ref", type=Path, default=None,
                     help="write a reference batch (ADM's layout) from the images instead of evaluating them")
 parser.add_argument("--ref-images", type=positive_int, default=10_000,
@@ -174,7 +186,27 @@ def from_npz(what, path, read):
         raise SystemExit(f"error: {what} {path} is not a readable .npz of arrays ({e})")
 
 
+notes = []
 samples = Images(args.samples, "samples" if args.save_ref is None else "images")
+against = None
+if args.against is not None:  # the pairing is checked before any image goes through the network
+    if args.save_ref is not None:
+        parser.error("--against scores samples against another model's; it does not go with --save-ref")
+    against = Images(args.against, "--against")
+    if against.shape != samples.shape:
+        raise SystemExit(f"error: --against holds {len(against)} images of {list(against.shape[1:])}, the samples "
+                         f"{len(samples)} of {list(samples.shape[1:])}: a paired comparison needs the same images, "
+                         f"made from the same seed and count")
+    records = [json.loads(p.read_text()) if (p := Path(path).parent / "samples.json").is_file() and Path(path).suffix == ".npz"
+               else None for path in (args.samples, args.against)]
+    if None in records:
+        notes.append("no sample.py record (samples.json) beside one of the paired sets: their seeds were not checked")
+    elif (records[0]["seed"], records[0]["n_images"], records[0].get("classes")) != \
+            (records[1]["seed"], records[1]["n_images"], records[1].get("classes")):
+        raise SystemExit(f"error: --against was sampled with seed {records[1]['seed']}, {records[1]['n_images']} images, "
+                         f"classes {records[1].get('classes') or 'all'}; the samples with seed {records[0]['seed']}, "
+                         f"{records[0]['n_images']} images, classes {records[0].get('classes') or 'all'}: image i of "
+                         f"one is not image i of the other, so they cannot be paired")
 ref, ref_stats, ref_meta, ref_name = None, None, None, None
 if args.save_ref is not None:
     pass
@@ -191,7 +223,6 @@ elif args.ref.endswith(".npz") and Path(args.ref).is_file() and "mu" in (members
     ref_name = args.ref
 else:
     ref, ref_name = Images(args.ref, "reference"), args.ref
-notes = []
 if ref is not None:
     if ref.shape[1:3] != samples.shape[1:3]:
         raise SystemExit(f"error: samples are {samples.shape[1]}x{samples.shape[2]} but the reference is "
@@ -416,6 +447,15 @@ if results.get("sfid") is None and label == "Inception":
                             "this Inception file has no layer mixed_6, or our 299x299 input did not reproduce the "
                             "network's own pool features: mixed_6/conv was not read")
 results["k"] = args.k
+if against is not None:
+    against_f = network_features(against, f"{label} features: --against")[0]
+    per_image = dict(psnr=np.concatenate([psnr(a, b) for a, b in zip(samples.batches(args.batch_size),
+                                                                      against.batches(args.batch_size))]),
+                     feature_distance=feature_distance(fake_f, against_f))
+    results["paired"] = dict(against=str(args.against), n_images=len(samples),
+                             **{k: interval([v]) for k, v in per_image.items()})
+    paired_path = out.with_name(out.name.removesuffix(".json") + ".paired.npz")
+    write_npz(paired_path, {k: (np.float64, v.shape, [v]) for k, v in per_image.items()})
 
 prefix = "" if label == "Inception" else "in-domain "
 summary = (f"{prefix}FID_{label} {results['fid']:.3f} | IS {results['is']:.3f} +- {results['is_std']:.3f} | "
@@ -426,6 +466,11 @@ summary = (f"{prefix}FID_{label} {results['fid']:.3f} | IS {results['is']:.3f} +
 for n in notes:
     print(f"note: {n}")
 print(summary)
+if against is not None:
+    p = results["paired"]
+    print(f"paired with {args.against} (image i against image i): PSNR {format_interval(p['psnr'])} dB | "
+          f"{label} feature distance {format_interval(p['feature_distance'], '.4f')} (mean [95 % bootstrap interval over "
+          f"{len(samples)} images]); per image: {paired_path}")
 out.write_text(json.dumps(results, indent=1))
 if device.type == "cuda":
     print(f"peak CUDA memory allocated: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")

@@ -56,6 +56,12 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import numpy as np  # noqa: E402
+
+from models.diffusion import SEED_STRIDE  # noqa: E402
+from models.paired import format_interval, interval  # noqa: E402
+from models.trajectory import HELD_OUT_SEED_OFFSET  # noqa: E402
 QUANT = {  # quantizer variant: quantize.py flags
     "uniform": ["--method", "uniform"], "omq": ["--method", "omq"], "uniform_smooth": ["--method", "uniform", "--smooth", "search"],
     "omq_nosmooth": ["--method", "omq", "--smooth", "off"], "random": ["--method", "random"],
@@ -114,8 +120,21 @@ bits = [int(b) for b in args.bits.split(",")]
 seeds = [int(s) for s in args.train_seeds.split(",")]
 search = [float(m) for m in args.lr_search.split(",")] if args.lr_search else []
 budget_iters = [int(i) for i in args.budget_iters.split(",") if i]
-if args.selection_seed in seeds or args.selection_seed == args.sample_seed:
-    parser.error(f"--selection-seed {args.selection_seed} must differ from the training and sample seeds")
+# the splits: every role draws its trajectories or images (x_T, classes, noise) from the generators of its
+# own seed (models/diffusion.py: seed s owns generator seeds s * SEED_STRIDE + i, i < SEED_STRIDE), so the
+# roles share no draw exactly when no seed serves two roles
+roles = {}
+for role, seed in ([(f"training seed {s}", s) for s in seeds] +
+                   [(f"the held-out check of training seed {s}", s + HELD_OUT_SEED_OFFSET) for s in seeds] +
+                   [("--selection-seed", args.selection_seed),
+                    ("the held-out check of --selection-seed", args.selection_seed + HELD_OUT_SEED_OFFSET),
+                    ("--sample-seed", args.sample_seed), ("--sample-seed + 1 (the fp2 cell)", args.sample_seed + 1)]):
+    if seed in roles:
+        parser.error(f"{role} and {roles[seed]} would draw the same trajectories or images (seed {seed}); choose "
+                     f"seeds that keep training, selection, held-out checks and evaluation images apart")
+    roles[seed] = role
+if args.num_images > SEED_STRIDE:
+    parser.error(f"--num-images must be at most {SEED_STRIDE}: more would reach the next seed's draws")
 if args.jobs < 1:
     parser.error("--jobs must be at least 1")
 args.out.mkdir(parents=True, exist_ok=True)
@@ -227,11 +246,16 @@ def sample_and_score(job):
                            args.num_images, "--seed", sample_seed, "--no-png", "--out", samples, "--force")}
     times["evaluate"] = run(tag + "_evaluate", "evaluate.py", samples / "samples.npz")
     metrics = json.loads((samples / "samples.eval.json").read_text())
-    fid_vs_fp = None
-    if cell != "fp":
-        run(tag + "_evaluate_vs_fp", "evaluate.py", samples / "samples.npz", "--ref", args.out / "samples" / "fp" / "samples.npz",
-            "--out", samples / "vs_fp.eval.json")
-        fid_vs_fp = json.loads((samples / "vs_fp.eval.json").read_text())["fid"]
+    fid_vs_fp, paired = None, {}
+    if cell != "fp":  # FID against the FP samples, and (but for fp2, another sample seed) each image against its FP twin
+        fp_samples = args.out / "samples" / "fp" / "samples.npz"
+        run(tag + "_evaluate_vs_fp", "evaluate.py", samples / "samples.npz", "--ref", fp_samples,
+            *(["--against", fp_samples] if cell != "fp2" else []), "--out", samples / "vs_fp.eval.json")
+        vs_fp = json.loads((samples / "vs_fp.eval.json").read_text())
+        fid_vs_fp = vs_fp["fid"]
+        if "paired" in vs_fp:
+            paired = dict(psnr_vs_fp=vs_fp["paired"]["psnr"], feature_distance_vs_fp=vs_fp["paired"]["feature_distance"],
+                          paired_file=str((samples / "vs_fp.eval.paired.npz").relative_to(args.out)))
     eps_mse, stage_seconds = None, {}
     if variant:
         q = json.loads(quant_path(variant, n, seed).with_suffix(".json").read_text())
@@ -239,11 +263,12 @@ def sample_and_score(job):
         if trd:
             d = json.loads(ckpt.with_suffix(".json").read_text())
             eps_mse, stage_seconds["distill"] = d["eps_mse_after"], d["seconds"]
+            paired["eps_mse_guided"] = d.get("eps_mse_after_guided")
     return dict(cell=cell, wbits=n, abits=args.abits if variant else None, train_seed=seed, lr_mult=mult, iters=iters,
                 updates=iters * 20 if trd else None, sample_seed=sample_seed, checkpoint=str(ckpt or "checkpoints/digits_unet.pt"),
                 n_samples=metrics["n_samples"], fid=metrics["fid"], fid_vs_fp=fid_vs_fp, eps_mse=eps_mse, sfid=metrics["sfid"],
                 IS=metrics["is"], precision=metrics["precision"], recall=metrics["recall"],
-                feature_network=metrics["feature_network"], seconds={**stage_seconds, **times})
+                feature_network=metrics["feature_network"], seconds={**stage_seconds, **times}, **paired)
 
 
 def done(job):
@@ -251,7 +276,8 @@ def done(job):
     if job[0] == "fp" and not (args.out / "samples" / "fp" / "samples.npz").exists():
         return False  # every "FID vs FP" reads these samples: a results.json copied without them reruns the fp cell
     return r is not None and (r["sample_seed"], r["n_samples"]) == (
-        args.sample_seed + (job[0] == "fp2"), args.num_images)
+        args.sample_seed + (job[0] == "fp2"), args.num_images) and (
+        job[0] in ("fp", "fp2") or (args.out / r.get("paired_file", "-")).is_file())  # older runs lack the paired figures
 
 
 # ---- 1. the learning-rate search on the selection seed: per cell, the multiplier of lowest eps MSE.
@@ -388,24 +414,47 @@ for j in dict.fromkeys(jobs):
 runs = [r for r in results["runs"].values() if r["sample_seed"] in (args.sample_seed, args.sample_seed + 1)
         and r["n_samples"] == args.num_images]
 main = [r for r in runs if r["iters"] in (None, args.distill_iters)]
-HEADER = ["| setting | method | LoRA lr × | seeds | FID | FID vs FP | eps MSE vs FP | FID vs baseline (paired per seed) | IS | precision | recall |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+HEADER = ["| setting | method | LoRA lr × | seeds | FID | FID vs FP | eps MSE vs FP | FID vs baseline (paired per seed) "
+          "| PSNR vs FP, dB | PSNR vs baseline, dB | feature distance vs FP | feature distance vs baseline |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def per_image(r, key):
+    """A run's per-image paired figure (evaluate.py --against the FP samples), or None."""
+    path = args.out / r["paired_file"] if r.get("paired_file") else None
+    return np.load(path)[key] if path and path.is_file() else None
+
+
+def paired_columns(rs, base_runs):
+    """Per paired figure: the mean over seeds and images with its 95 % interval (models/paired.py), and
+    the difference from the baseline run of the same training seed, image by image, with its interval."""
+    cols = []
+    for k, f in (("psnr", ".2f"), ("feature_distance", ".3f")):
+        mine = {r["train_seed"]: per_image(r, k) for r in rs}
+        if not mine or any(v is None for v in mine.values()):
+            cols += ["-", "-"]
+            continue
+        cols.append(format_interval(interval(list(mine.values())), f))
+        base = {b["train_seed"]: per_image(b, k) for b in base_runs}
+        diffs = [mine[s] - base[s] for s in mine if base.get(s) is not None]
+        cols.append(format_interval(interval(diffs), "+" + f) if diffs and rs[0]["cell"] != "baseline" else "-")
+    return cols
 
 
 def table_row(rs, base_mult):
-    """One Markdown row over a cell's seeds; the FID change is paired per seed with the baseline run
-    at multiplier base_mult (same setting, same training seed)."""
+    """One Markdown row over a cell's seeds; the FID change and the paired figures' differences are
+    paired per seed with the baseline run at multiplier base_mult (same setting, same training seed)."""
     rs = sorted(rs, key=lambda r: r["train_seed"] or 0)
     cell, n = rs[0]["cell"], rs[0]["wbits"]
-    base = {b["train_seed"]: b["fid"] for b in main
-            if b["cell"] == "baseline" and b["wbits"] == n and (b["lr_mult"] or 0) == base_mult}
+    base_runs = [b for b in main if b["cell"] == "baseline" and b["wbits"] == n and (b["lr_mult"] or 0) == base_mult]
+    base = {b["train_seed"]: b["fid"] for b in base_runs}
     paired = [100 * (r["fid"] - base[r["train_seed"]]) / base[r["train_seed"]] for r in rs
               if CELLS[cell][0] and cell != "baseline" and r["train_seed"] in base]
     return (f"| {'FP32' if not n else f'W{n}A{args.abits}'} | {NAMES[cell]} | {fmt(rs[0]['lr_mult'], 'g')} | "
             f"{','.join(str(r['train_seed']) for r in rs) if CELLS[cell][0] else '-'} | {mean_std([r['fid'] for r in rs])} | "
             f"{mean_std([r['fid_vs_fp'] for r in rs])} | {mean_std([r['eps_mse'] for r in rs], '.4f')} | "
-            f"{mean_std(paired, '+.0f', '.0f') + ' %' if paired else '-'} | {mean_std([r['IS'] for r in rs])} | "
-            f"{mean_std([r['precision'] for r in rs])} | {mean_std([r['recall'] for r in rs])} |")
+            f"{mean_std(paired, '+.0f', '.0f') + ' %' if paired else '-'} | "
+            + " | ".join(paired_columns(rs, base_runs) if CELLS[cell][0] else ["-"] * 4) + " |")
 
 
 groups = {}

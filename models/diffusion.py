@@ -73,9 +73,15 @@ def to_uint8(x):
 SEED_STRIDE = 1_000_003
 
 
+def generator_seeds(seed, indices):
+    """The torch seeds of samples `indices` of `seed`: two sets of samples share a draw (an x_T, a
+    class, a step's noise) exactly where these overlap."""
+    return [int(seed) * SEED_STRIDE + int(i) for i in indices]
+
+
 def sample_generators(seed, indices):
     """One generator per sample, seeded from the global seed and the sample's global index."""
-    return [torch.Generator().manual_seed(int(seed) * SEED_STRIDE + int(i)) for i in indices]
+    return [torch.Generator().manual_seed(s) for s in generator_seeds(seed, indices)]
 
 
 def randn_per_sample(generators, shape):

@@ -48,11 +48,14 @@ class TeacherCache:
     arm, each multiplier of a search: the quantized model does not enter the teacher) walks the same
     trajectories, so the first run of a batch computes and writes it and the later ones read it back,
     the same tensors bit for bit, without the teacher's forward pass (about a sixth of an update on the
-    embedded default). The key holds everything that fixes those tensors; a run with other settings
-    writes files of its own. Two runs computing the same batch at once both write it, one atomic
-    rename after the other, with equal contents."""
+    embedded default). A file's name holds everything that fixes those tensors: the training seed and
+    the batch's sample indices (which draw each trajectory's x_T and class), and a key of the other
+    settings (the FP model, guidance, schedule, feature block, device and thread count); a run of
+    another seed or with other settings writes files of its own and never reads these. Two runs
+    computing the same batch at once both write it, one atomic rename after the other, with equal
+    contents."""
 
-    VERSION = 1
+    VERSION = 2  # 1: the file name left out the seed, so runs of different seeds read each other's batches
 
     def __init__(self, directory, **key):
         self.dir = Path(directory)
@@ -63,7 +66,7 @@ class TeacherCache:
     def steps(self, model, ddim, ids, seed, guidance, device, features):
         """fp_trajectory(model, ddim, ids, ...), with features["f"] (what the caller's hook on the
         feature block stores) set to that step's feature before each step is yielded."""
-        path = self.dir / f"{self.key}_{ids.start}-{ids.stop}.pt"
+        path = self.dir / f"seed{seed}_{self.key}_{ids.start}-{ids.stop}.pt"
         if path.is_file():
             self.hits += 1
             for i, (inputs, out, feature) in enumerate(torch.load(path, map_location=device, weights_only=True)):

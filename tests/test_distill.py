@@ -325,3 +325,18 @@ def test_teacher_cache_is_shared_across_quantized_models_and_changes_nothing(qua
                "--guidance", 1.5, "--teacher-cache", cache)
     other = json.loads((tmp_path / "other.json").read_text())["teacher_cache"]
     assert (other["batches_read"], other["batches_computed"]) == (0, 3)
+
+
+def test_teacher_cache_never_hands_one_seeds_trajectories_to_another(quant_ckpts, tmp_path):
+    """Training seeds are independent only if each walks its own trajectories: a run of seed 1 on a
+    cache that seed 0 filled computes its own batches, and trains exactly as seed 1 without a cache."""
+    cache = tmp_path / "teacher"
+    for name, seed, flags in (("s0", 0, ["--teacher-cache", cache]), ("s1", 1, ["--teacher-cache", cache]), ("s1_plain", 1, [])):
+        run_script("distill.py", "--qckpt", quant_ckpts["omq"], "--out", tmp_path / f"{name}.pt", *QUICK_DISTILL,
+                   "--seed", seed, *flags)
+    s1 = json.loads((tmp_path / "s1.json").read_text())["teacher_cache"]
+    assert (s1["batches_read"], s1["batches_computed"]) == (0, 3)
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("s1", "s1_plain"))
+    for k, v in a["unet_state_dict"].items():
+        assert torch.equal(v, b["unet_state_dict"][k]), k
+    assert a["history"] == b["history"]
