@@ -20,7 +20,7 @@ flags=$(grep -m1 -ow -E "avx512_vnni|avx_vnni" /proc/cpuinfo | sort -u | tr '\n'
 
 run() {  # kernels threads: one pytest run, its summary line and wall time into $OUT/<k>_t<t>.result
   local k=$1 t=$2 log="$OUT/${1}_t${2}.log" start=$SECONDS
-  ATEN_CPU_CAPABILITY=$k OMP_NUM_THREADS=$t MKL_NUM_THREADS=$t python -m pytest -q -p no:cacheprovider "${@:3}" > "$log" 2>&1
+  ATEN_CPU_CAPABILITY=$k OMP_NUM_THREADS=$t MKL_NUM_THREADS=$t python -m pytest -q -p no:cacheprovider --basetemp "$OUT/tmp_${k}_t${t}" "${@:3}" > "$log" 2>&1
   local rc=$?
   local summary
   summary=$(grep -E "(passed|failed|error)" "$log" | tail -n 1 | sed 's/=//g; s/^ *//; s/ *$//')

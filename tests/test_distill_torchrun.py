@@ -52,18 +52,18 @@ def trained(path):
     return ckpt["unet_state_dict"], ckpt["history"]
 
 
-def assert_history_close(h1, h2, keys=("mse_mean", "trd")):
-    """The loss logs of two runs that differ only by float rounding. The logged figures are means over
-    all of an iteration's trajectories and steps, as one process logs them, of losses computed from
-    parameters that stay within adamw_reach of each other (below); rounding leaves them within 1e-3
-    relative on every kernel set of docs/portability.md, and 1e-2 is the margin. What this check
-    exists for moves them far more: a process walking other trajectories, or training without the
-    other's gradients, changes them by over 10 % (checked by breaking each in distill.py). The MSE of
-    an iteration's last step alone is not compared: it depends on that step's own activation scales,
-    which one rounding-flipped AdamW step moves by several %."""
+def assert_history_close(h1, h2, keys=("mse", "trd", "mse_mean"), rtol=1e-3):
+    """The loss logs of two runs with the quantizers fixed that differ only by float rounding: the
+    logged figures are means over all of an iteration's trajectories, as one process logs them, of
+    losses computed from LoRA weights within adamw_reach of each other. No bound on the loss follows
+    from that without the network's Lipschitz constants, so this margin is measured, not derived:
+    rounding moved them by at most 1e-7 relative here (AVX-512; every kernel set and thread count of
+    docs/portability.md passes), while a process walking the other's trajectories, or processes not
+    averaging their gradients (no DistributedDataParallel), move them by 1.5-2 % (checked by breaking
+    distill.py each way); 1e-3 lies between, four orders of magnitude above the first."""
     assert [h["iter"] for h in h1] == [h["iter"] for h in h2]
     for a, b in zip(h1, h2):
-        assert all(abs(a[k] - b[k]) <= 1e-2 * a[k] for k in keys), (a, b)
+        assert all(abs(a[k] - b[k]) <= rtol * a[k] for k in keys), (a, b)
 
 
 def adamw_reach(lr, updates, betas=(0.9, 0.999)):
@@ -128,8 +128,8 @@ def test_two_processes_make_the_one_process_lora_updates(quant_ckpts, tmp_path):
 
 def test_two_processes_make_the_one_process_updates(quant_ckpts, default_rates):
     """Every parameter training (default rates): each trained tensor within what rounding can do
-    (adamw_reach at its rate; the quantizer parameters also one float16 gap, as they are stored),
-    everything else equal bit for bit, and the loss log close (assert_history_close)."""
+    (adamw_reach at its rate; the quantizer parameters also one float16 gap, as they are stored) and
+    everything else equal bit for bit."""
     tmp, ((sd1, h1), (sd2, h2)) = default_rates
     base = torch.load(quant_ckpts["omq"], weights_only=True)["unet_state_dict"]
     updates = json.loads((tmp / "one.json").read_text())["updates_run"]
@@ -143,7 +143,10 @@ def test_two_processes_make_the_one_process_updates(quant_ckpts, default_rates):
         else:
             assert (sd1[k] - sd2[k]).abs().max().item() <= bounds.get(k, 0.0), k
     assert sum(not torch.equal(sd1[k], base[k]) for k in sd1 if k.endswith("a_scale")) > 90  # they trained
-    assert_history_close(h1, h2)
+    # no loss-log comparison here: a rounding-flipped AdamW step of an activation scale (up to 5e-4)
+    # moves the MSE that depends on it by several % (1.6 % in an iteration's mean on AVX-512), so only
+    # the LoRA test above, with the quantizers fixed, can compare the logs closely
+    assert [h["iter"] for h in h1] == [h["iter"] for h in h2]
     assert not (tmp / "two.pt.state.pt").exists()
 
 
