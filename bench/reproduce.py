@@ -25,18 +25,24 @@ file has none; each run's multiplier and its source are printed (--plan prints o
 
 Seeds: a training seed s sets calibration (quantize.py --seed s) and distillation (distill.py --seed s,
 its LoRA init and trajectories); the eps-MSE checks use s + 10000. The evaluation images use
---sample-seed for every run, and nothing else uses it. The learning-rate search (--lr-search) runs
+--sample-seed for every run (fp2: --sample-seed + 1), and nothing else uses it. Seeds that would let
+two of these roles (or the selection seed's) draw the same trajectories or images are refused. The learning-rate search (--lr-search) runs
 every distilled cell at each multiplier on --selection-seed, which nothing reported uses, and keeps
 per cell the multiplier with the lowest held-out eps MSE after distillation (no images are scored
 for it; --select-by: of both guidance halves, or of the guided eps); the reported runs use that multiplier. With --lr-extend K, a cell whose best multiplier is
 the largest (smallest) tried also tries twice (half) that, up to K doublings past the grid, so that
-each cell's choice ends between two worse neighbours under the same rule for every cell. Two
-"FID vs FP" and "eps MSE" columns measure fidelity to the FP model: the in-domain FID between a row's samples and the FP model's samples of
-the same seed, and the held-out one-step noise-prediction error.
+each cell's choice ends between two worse neighbours under the same rule for every cell. Fidelity
+to the FP model: "FID vs FP" (the in-domain FID between a row's samples and the FP model's samples of
+the same seed), "eps MSE" (the held-out one-step noise-prediction error), and the paired columns:
+evaluate.py --against scores image i of a run against image i of the FP cell (same x_T, class and
+noise), PSNR and feature distance per image; a row shows their mean over seeds and images with a 95 %
+hierarchical bootstrap interval, and the per-image difference from the baseline of the same training
+seed with its interval (models/paired.py).
 
 Every distillation run shares <out>/teacher (distill.py --teacher-cache): the FP teacher's trajectories
-of a training seed are computed by its first runs and read by the others (the same tensors; about
-230 MB per seed at 800 updates; delete it when the sweep is done).
+of a training seed are computed by its first runs and read by the others of that seed only (the same
+tensors; about 230 MB per seed at 800 updates; delete it when the sweep is done). Before the cache's
+files were named by seed, every seed of a sweep read the first seed's trajectories (docs/results.md).
 
 --jobs 2 runs two runs at a time with one thread each (on 2 cores: about 1.6x the throughput of one
 2-thread job, measured; never run two 2-thread torch jobs at once). Figures then differ from a
@@ -446,6 +452,8 @@ def table_row(rs, base_mult):
     paired per seed with the baseline run at multiplier base_mult (same setting, same training seed)."""
     rs = sorted(rs, key=lambda r: r["train_seed"] or 0)
     cell, n = rs[0]["cell"], rs[0]["wbits"]
+    if CELLS[cell][0] and not CELLS[cell][1]:  # uniform PTQ: against the baseline at its chosen multiplier
+        base_mult = chosen.get(("baseline", n), base_mult)
     base_runs = [b for b in main if b["cell"] == "baseline" and b["wbits"] == n and (b["lr_mult"] or 0) == base_mult]
     base = {b["train_seed"]: b["fid"] for b in base_runs}
     paired = [100 * (r["fid"] - base[r["train_seed"]]) / base[r["train_seed"]] for r in rs
@@ -460,7 +468,8 @@ def table_row(rs, base_mult):
 groups = {}
 for r in main:
     groups.setdefault((r["wbits"] or 0, r["lr_mult"] or 0, list(CELLS).index(r["cell"])), []).append(r)
-md = [f"Seed sweep: mean ± std over training seeds (calibration + distillation; sample seed {args.sample_seed} for all), "
+md = [f"Seed sweep: mean ± std over training seeds (calibration + distillation; sample seed {args.sample_seed} for all); "
+      "paired columns: mean [95 % bootstrap interval over seeds and images], "
       f"{args.distill_iters * 20} distillation updates, {args.num_images} samples per run; in-domain metrics.", ""]
 if search:  # each cell at the multiplier its search chose, paired with the baseline at the baseline's choice
     md += ["Each method at its own chosen learning-rate multiplier:", "", *HEADER]
