@@ -186,6 +186,16 @@ def from_npz(what, path, read):
         raise SystemExit(f"error: {what} {path} is not a readable .npz of arrays ({e})")
 
 
+def sampling_record(path):
+    """How sample.py made an .npz, from the samples.json it writes beside it: 'seed s, N images, classes
+    C', which fixes image i's noise and class; None where there is no such record."""
+    record = Path(path).parent / "samples.json"
+    if Path(path).suffix != ".npz" or not record.is_file():
+        return None
+    r = json.loads(record.read_text())
+    return f"seed {r['seed']}, {r['n_images']} images, classes {r.get('classes') or 'all'}"
+
+
 notes = []
 samples = Images(args.samples, "samples" if args.save_ref is None else "images")
 against = None
@@ -197,16 +207,12 @@ if args.against is not None:  # the pairing is checked before any image goes thr
         raise SystemExit(f"error: --against holds {len(against)} images of {list(against.shape[1:])}, the samples "
                          f"{len(samples)} of {list(samples.shape[1:])}: a paired comparison needs the same images, "
                          f"made from the same seed and count")
-    records = [json.loads(p.read_text()) if (p := Path(path).parent / "samples.json").is_file() and Path(path).suffix == ".npz"
-               else None for path in (args.samples, args.against)]
-    if None in records:
+    mine, theirs = sampling_record(args.samples), sampling_record(args.against)
+    if mine is None or theirs is None:
         notes.append("no sample.py record (samples.json) beside one of the paired sets: their seeds were not checked")
-    elif (records[0]["seed"], records[0]["n_images"], records[0].get("classes")) != \
-            (records[1]["seed"], records[1]["n_images"], records[1].get("classes")):
-        raise SystemExit(f"error: --against was sampled with seed {records[1]['seed']}, {records[1]['n_images']} images, "
-                         f"classes {records[1].get('classes') or 'all'}; the samples with seed {records[0]['seed']}, "
-                         f"{records[0]['n_images']} images, classes {records[0].get('classes') or 'all'}: image i of "
-                         f"one is not image i of the other, so they cannot be paired")
+    elif mine != theirs:
+        raise SystemExit(f"error: --against was sampled with {theirs}; the samples with {mine}: image i of one is not "
+                         f"image i of the other, so they cannot be paired")
 ref, ref_stats, ref_meta, ref_name = None, None, None, None
 if args.save_ref is not None:
     pass
