@@ -4,7 +4,12 @@ a real sampling run; the model holds its quantized weights only as int8; sample.
 
 The bound: |int8 - fake-quant| <= 1e-5 x the layer's largest output. Both compute the same sum of
 integer products times the same scales; they differ by float32 rounding of that sum (the kernel sums
-exactly in int32 and rounds once, the float path rounds as it sums), measured at most 6e-6 here.
+exactly in int32 and rounds once, the float path rounds as it sums: at most K 2^-24 of the K terms'
+absolute sum). How that absolute sum compares with the largest output depends on the layer, so the
+bound is a measured margin, not a derivation: the worst ratio was 6e-6 on the AVX2 machine this was
+written on, and on made-up layers 1.0e-6 with AVX-512 VNNI, 1.4e-6 with oneDNN capped at AVX2 (no
+VNNI) and 0.9e-6 with ATEN_CPU_CAPABILITY=default (docs/portability.md). A layer missing its
+zero-point correction fails every per-layer test here (docs/int8.md).
 """
 import numpy as np
 import pytest

@@ -68,6 +68,11 @@ def test_packed_and_unpacked_checkpoints_sample_the_same_images(quant_ckpts, pac
 
 
 def test_sample_set_does_not_depend_on_batch_size(fp_ckpt, tmp_path):
+    """Exact where the kernels compute each sample without regard to its batch-mates, which PyTorch's
+    CPU convolutions and matmuls did on every kernel set and thread count of docs/portability.md but
+    do not promise: this (and the torchrun test below) is the suite's one stated assumption about the
+    kernels. A kernel that blocks the batch differently for another batch size would move some
+    samples by float rounding, which truncation to uint8 could show as one grey level."""
     a = sample(fp_ckpt, tmp_path / "a")
     run_script("sample.py", "--ckpt", fp_ckpt, "--num-images", 6, "--batch-size", 5, "--out", tmp_path / "b")
     assert np.array_equal(a["arr_0"], np.load(tmp_path / "b" / "samples.npz")["arr_0"])
@@ -79,6 +84,8 @@ def test_quantized_model_refuses_another_step_count(quant_ckpts, tmp_path):
 
 
 def test_torchrun_two_processes_match_one(quant_ckpts, tmp_path):
+    """Each process samples its images in batches of its own size: exact under the assumption that
+    test_sample_set_does_not_depend_on_batch_size states."""
     torchrun = Path(sys.executable).parent / "torchrun"  # installed with torch, beside this python
     one = sample(quant_ckpts["omq"], tmp_path / "one")
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "sample.py", "--ckpt",  # a free port
