@@ -61,7 +61,8 @@ from models.checkpoint import fp_fingerprint, load_quant_model, quant_checkpoint
 from models.diffusion import DDIM, combine_guidance, is_guided
 from models.quant import WeightRefresher, quant_layers, refresh_weights, set_step
 from models.safe_load import allow_pickle
-from models.trajectory import HELD_OUT_SEED_OFFSET, TeacherCache, eps_mse, fp_trajectory
+from models.seeds import HELD_OUT_SEED_OFFSET
+from models.trajectory import TeacherCache, eps_mse, fp_trajectory
 from models.trd import WindowSmoother, relation_kl
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -28,7 +28,8 @@ from models.digits import DEFAULT_CHECKPOINT
 from models.qmodel import build_quant_model
 from models.quant import quant_layers, refresh_weights
 from models.safe_load import allow_pickle
-from models.trajectory import HELD_OUT_SEED_OFFSET, eps_mse
+from models.seeds import HELD_OUT_SEED_OFFSET
+from models.trajectory import eps_mse
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", type=Path, default=DEFAULT_CHECKPOINT, help="full-precision model (default: digits)")

@@ -65,9 +65,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
-from models.diffusion import SEED_STRIDE  # noqa: E402
 from models.paired import format_interval, interval  # noqa: E402
-from models.trajectory import HELD_OUT_SEED_OFFSET  # noqa: E402
+from models.seeds import HELD_OUT_SEED_OFFSET, SEED_STRIDE  # noqa: E402
+
 QUANT = {  # quantizer variant: quantize.py flags
     "uniform": ["--method", "uniform"], "omq": ["--method", "omq"], "uniform_smooth": ["--method", "uniform", "--smooth", "search"],
     "omq_nosmooth": ["--method", "omq", "--smooth", "off"], "random": ["--method", "random"],
@@ -127,7 +127,7 @@ seeds = [int(s) for s in args.train_seeds.split(",")]
 search = [float(m) for m in args.lr_search.split(",")] if args.lr_search else []
 budget_iters = [int(i) for i in args.budget_iters.split(",") if i]
 # the splits: every role draws its trajectories or images (x_T, classes, noise) from the generators of its
-# own seed (models/diffusion.py: seed s owns generator seeds s * SEED_STRIDE + i, i < SEED_STRIDE), so the
+# own seed (models/seeds.py: seed s owns generator seeds s * SEED_STRIDE + i, i < SEED_STRIDE), so the
 # roles share no draw exactly when no seed serves two roles
 roles = {}
 for role, seed in ([(f"training seed {s}", s) for s in seeds] +

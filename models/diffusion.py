@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from models.quant import set_step
+from models.seeds import generator_seeds
 
 
 def linear_alphas_cumprod(timesteps=1000, linear_start=0.0015, linear_end=0.0195):
@@ -66,17 +67,6 @@ def to_uint8(x):
     them: 255 * clamp((x + 1) / 2, 0, 1), truncated (not rounded) by the cast, so that FID is
     computed on the same pixels as the published figures."""
     return (255.0 * torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)).to(torch.uint8).permute(0, 2, 3, 1)
-
-
-# sample i of seed s draws from generator s * SEED_STRIDE + i: seeds that differ by one share no
-# generator for the first SEED_STRIDE samples (a prime, so that no regular pattern of seeds collides)
-SEED_STRIDE = 1_000_003
-
-
-def generator_seeds(seed, indices):
-    """The torch seeds of samples `indices` of `seed`: two sets of samples share a draw (an x_T, a
-    class, a step's noise) exactly where these overlap."""
-    return [int(seed) * SEED_STRIDE + int(i) for i in indices]
 
 
 def sample_generators(seed, indices):

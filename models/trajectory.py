@@ -15,10 +15,6 @@ import torch
 from models.diffusion import combine_guidance, guidance_batch, is_guided, randn_per_sample, sample_generators
 from models.quant import set_step
 
-# the eps-MSE check of quantize.py and distill.py runs on the trajectories of seed + HELD_OUT_SEED_OFFSET,
-# which neither calibration nor distillation (seed) draws from
-HELD_OUT_SEED_OFFSET = 10_000
-
 
 def fp_trajectory(model, ddim, ids, seed, guidance, device):
     """Runs the FP model along the DDIM trajectories of samples `ids` (one batch). Yields, for every

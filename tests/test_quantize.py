@@ -9,7 +9,8 @@ from models.allocate import calibrate_layer, kurtosis, split_bits, split_candida
 from models.checkpoint import load_quant_model, quant_checkpoint, save_atomic
 from models.diffusion import DDIM, ddim_sample
 from models.quant import QuantLayer, fake_quant, quant_layers, range_search, set_step
-from models.trajectory import HELD_OUT_SEED_OFFSET, eps_mse
+from models.seeds import HELD_OUT_SEED_OFFSET
+from models.trajectory import eps_mse
 from tests.conftest import QUICK, run_script
 
 

@@ -11,8 +11,9 @@ import torch
 
 import models.trajectory
 from models.checkpoint import load_quant_model
-from models.diffusion import DDIM, generator_seeds
+from models.diffusion import DDIM
 from models.diffusion import sample_generators as real_generators
+from models.seeds import generator_seeds
 from models.trajectory import eps_mse as real_eps_mse
 from tests.conftest import QUICK, ROOT, run_script
 from tests.test_distill import QUICK_DISTILL
@@ -20,7 +21,7 @@ from tests.test_distill import QUICK_DISTILL
 
 def run_recording_draws(monkeypatch, script, *args):
     """Runs a top-level script in this process and returns {"held-out": set, "training": set} of the
-    generator seeds (models/diffusion.py generator_seeds) of every FP trajectory it drew: those drawn
+    generator seeds (models/seeds.py generator_seeds) of every FP trajectory it drew: those drawn
     inside eps_mse (the held-out check) and all others (calibration, distillation)."""
     draws, role = {"held-out": set(), "training": set()}, ["training"]
 
