@@ -8,8 +8,8 @@ exactly in int32 and rounds once, the float path rounds as it sums: at most K 2^
 absolute sum). How that absolute sum compares with the largest output depends on the layer, so the
 bound is a measured margin, not a derivation: the worst ratio was 6e-6 on the AVX2 machine this was
 written on, and on made-up layers 1.0e-6 with AVX-512 VNNI, 1.4e-6 with oneDNN capped at AVX2 (no
-VNNI) and 0.9e-6 with ATEN_CPU_CAPABILITY=default (docs/portability.md). A layer missing its
-zero-point correction fails every per-layer test here (docs/int8.md).
+VNNI) and 0.9e-6 with ATEN_CPU_CAPABILITY=default (bench/int8_layer_error.py, docs/portability.md).
+A layer missing its zero-point correction fails every per-layer test here (docs/int8.md).
 """
 import numpy as np
 import pytest
