@@ -26,8 +26,9 @@ file has none; each run's multiplier and its source are printed (--plan prints o
 Seeds: a training seed s sets calibration (quantize.py --seed s) and distillation (distill.py --seed s,
 its LoRA init and trajectories); the eps-MSE checks use s + 10000. The evaluation images use
 --sample-seed for every run (fp2: --sample-seed + 1), and nothing else uses it. Seeds that would let
-two of these roles (or the selection seed's) draw the same trajectories or images are refused. The learning-rate search (--lr-search) runs
-every distilled cell at each multiplier on --selection-seed, which nothing reported uses, and keeps
+two of these roles (or the selection seed's) draw the same trajectories or images are refused. The
+learning-rate search (--lr-search) runs every distilled cell at each multiplier on --selection-seed,
+which nothing reported uses, and keeps
 per cell the multiplier with the lowest held-out eps MSE after distillation (no images are scored
 for it; --select-by: of both guidance halves, or of the guided eps); the reported runs use that multiplier. With --lr-extend K, a cell whose best multiplier is
 the largest (smallest) tried also tries twice (half) that, up to K doublings past the grid, so that
