@@ -1,6 +1,7 @@
 """TRD: data-free LoRA distillation of a quantized model from its full-precision model, with the
 time-smoothed relation loss. Reads a quantize.py checkpoint, writes a distilled one (LoRA merged,
-weights quantized once) that sample.py reads.
+weights quantized once) that sample.py reads. A checkpoint with a float low-rank branch
+(quantize.py --lowrank) trains the branch in place of the LoRA and keeps it beside the weights.
 
     python distill.py --qckpt runs/quant/w2a4_omq.pt                 # MPQ-DM (MSE + TRD)
     python distill.py --qckpt runs/quant/w2a4_uniform.pt --trd off   # EfficientDM-style baseline
@@ -158,8 +159,12 @@ layers = quant_layers(qmodel.unet)
 trained = {n: m for n, m in layers.items() if m.mode == "quant" or (m.mode == "w8a8" and not args.freeze_w8a8)}
 lora_gen = torch.Generator().manual_seed(args.seed)
 for m in trained.values():
-    m.add_lora(args.lora_rank, lora_gen)
+    if m.lowrank_U is None:  # a layer with a float branch (quantize.py --lowrank) trains it as its LoRA instead
+        m.add_lora(args.lora_rank, lora_gen)
     m.recompute = args.recompute
+if settings.get("lowrank") and rank == 0:
+    print(f"the quantized model has a rank-{settings['lowrank']} float branch in its low-bit layers: it trains there "
+          f"in place of a rank-{args.lora_rank} LoRA (which the W8A8 layers still get)")
 held_out_seed = args.seed + HELD_OUT_SEED_OFFSET
 if rank == 0:  # the report's figure: one process computes it
     mse_before = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size, held_out_seed, guidance, device)
@@ -169,7 +174,8 @@ if rank == 0:  # the report's figure: one process computes it
 # whatever the other layers' smoothing or bits, and whichever method quantized them
 lr_lora = {n: args.lr_mult * (m.lora_step_size() / 2500 if args.lr_lora == "auto" else float(args.lr_lora))
            for n, m in trained.items()}
-groups = [dict(params=[m.lora_A, m.lora_B], lr=lr_lora[n]) for n, m in trained.items()] + [
+groups = [dict(params=[m.lora_A, m.lora_B] if m.lowrank_U is None else [m.lowrank_U, m.lowrank_V], lr=lr_lora[n])
+          for n, m in trained.items()] + [
     dict(params=[m.w_scale for m in trained.values()], lr=args.lr_wq),
     dict(params=[p for m in trained.values() for p in (m.a_scale, m.a_zero)], lr=args.lr_act),
 ]
@@ -300,7 +306,7 @@ for it in range(start_iter, args.iters):
     bar.set_postfix(mse=f"{mse_logged:.5f}", trd=f"{trd_logged:.5f}")
     if (it + 1) % args.ckpt_every == 0 and it + 1 < args.iters and rank == 0:
         trainable = {k: v for k, v in qmodel.unet.state_dict().items()
-                     if k.endswith(("lora_A", "lora_B", "w_scale", "a_scale", "a_zero"))}
+                     if k.endswith(("lora_A", "lora_B", "lowrank_U", "lowrank_V", "w_scale", "a_scale", "a_zero"))}
         save_atomic(dict(fingerprint=fingerprint, iter=it + 1, trainable=trainable,
                          opt=opt.state_dict(), sched=sched.state_dict(), history=history, args=plain_args(args)), state_path)
 bar.close()
@@ -311,7 +317,7 @@ if world > 1:  # the trained parameters are the same in every process: rank 0 ch
     if rank != 0:
         raise SystemExit(0)
 
-# ---- merge LoRA into the weights, quantize once, check and save
+# ---- merge LoRA into the weights (a float branch stays beside them), quantize once, check and save
 qmodel.unet.eval().requires_grad_(False)
 for m in trained.values():
     m.round_params()  # as the packed file stores them

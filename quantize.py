@@ -5,6 +5,7 @@ and sample.py read, and a per-layer report (JSON) beside it.
     python quantize.py --wbits 2 --abits 4                      # the embedded default, OMQ
     python quantize.py --wbits 2 --abits 4 --method uniform     # the EfficientDM-style baseline
     python quantize.py --ckpt model.ckpt --config cin256-v2 --guidance 3.0 --calib-samples 256
+    python quantize.py --wbits 2 --abits 4 --lowrank 4          # + a float rank-4 branch per layer (LoftQ)
 
 Calibration: --calib-samples trajectories (random classes, guidance as in sampling) are run with
 the full-precision model; the UNet inputs (x_t, t, context) of every step are kept, then each layer's
@@ -24,6 +25,7 @@ from models.cli import (add_trust_flag, check_device, check_finite, check_output
                         finite_float, nonneg_float, positive_float, positive_int)
 from models.checkpoint import fp_reference, load_fp_model, quant_checkpoint, save_with_report, write_packed
 from models.diffusion import DDIM
+from models.lowrank import bits_per_weight
 from models.digits import DEFAULT_CHECKPOINT
 from models.qmodel import build_quant_model
 from models.quant import quant_layers, refresh_weights
@@ -47,6 +49,11 @@ parser.add_argument("--group-frac", type=positive_float, default=0.1,
 parser.add_argument("--quantize-all", action="store_true", help="also quantize skip-connection/downsample convs")
 parser.add_argument("--quantize-conv1d", action="store_true",
                     help="also quantize the Conv1d qkv/proj_out of LSUN attention blocks (the official code does not)")
+parser.add_argument("--lowrank", type=int, default=0, help="rank R of a float branch beside every low-bit layer (0: none)")
+parser.add_argument("--lowrank-init", choices=["svd", "loftq"], default="loftq",
+                    help="svd: the branch is the smoothed weight's top R singular directions; loftq: then --lowrank-rounds "
+                         "rounds of refitting it to the residual's quantization error (each kept only if it helps)")
+parser.add_argument("--lowrank-rounds", type=positive_int, default=5, help="LoftQ rounds (--lowrank-init loftq)")
 parser.add_argument("--steps", type=positive_int, default=20, help="DDIM steps the quantized model will sample with")
 parser.add_argument("--eta", type=nonneg_float, default=0.0)
 parser.add_argument("--guidance", type=finite_float, default=2.0, help="classifier-free guidance of the trajectories")
@@ -69,6 +76,8 @@ if not 2 <= args.wbits <= 8:
     parser.error(f"--wbits must be 2..8 (OMQ gives some channels n-1 bits, so n = 1 would leave 0 bits), got {args.wbits}")
 if not 2 <= args.abits <= 8:
     parser.error(f"--abits must be 2..8, got {args.abits}")
+if args.lowrank < 0:
+    parser.error(f"--lowrank must be 0 (no branch) or a rank, got {args.lowrank}")
 if args.group_frac > 0.5:
     parser.error(f"--group-frac must be in (0, 0.5] (n+1 and n-1 channels come in pairs), got {args.group_frac}")
 check_steps(parser, args.steps)
@@ -100,6 +109,9 @@ bar.close()
 settings = dict(wbits=args.wbits, abits=args.abits, steps=args.steps, eta=args.eta, quantize_all=args.quantize_all,
                 quantize_conv1d=args.quantize_conv1d, method=args.method, smooth=smooth, group_frac=args.group_frac,
                 guidance=args.guidance, calib_samples=args.calib_samples, calib_keep=args.calib_keep, seed=args.seed)
+if args.lowrank:  # only then: a checkpoint without a branch keeps today's settings
+    settings.update(lowrank=args.lowrank, lowrank_init=args.lowrank_init, lowrank_rounds=args.lowrank_rounds)
+lowrank = (args.lowrank, args.lowrank_init, args.lowrank_rounds) if args.lowrank else None
 qmodel = build_quant_model(model, settings)
 qlayers = quant_layers(qmodel.unet)
 report = {}
@@ -109,7 +121,8 @@ print(f"recording the layers' inputs in {len(groups)} group{'s' * (len(groups) >
 bar = tqdm(total=len(qlayers), desc=f"calibrate ({args.method}, W{args.wbits}A{args.abits})")
 for name, inputs in layer_inputs(model, calib, groups, device):
     t_layer = time.time()
-    report[name] = calibrate_layer(qlayers[name], inputs, args.method, smooth_alphas, args.group_frac, random_channels)
+    report[name] = calibrate_layer(qlayers[name], inputs, args.method, smooth_alphas, args.group_frac, random_channels,
+                                   lowrank)
     report[name]["seconds"] = time.time() - t_layer
     del inputs
     bar.update()
@@ -136,12 +149,14 @@ mixed = [r for r in report.values() if r["mode"] == "quant"]
 print(f"{len(mixed)} layers at W{args.wbits}A{args.abits} ({sum(r['high'] > 0 for r in mixed)} mixed, "
       f"{sum(r['smooth_alpha'] > 0 for r in mixed)} smoothed), "
       f"{sum(r['mode'] == 'w8a8' for r in report.values())} at W8A8, {sum(r['mode'] == 'fp' for r in report.values())} in FP")
+bpw = bits_per_weight(qlayers)
+print(f"low-bit layers: {bpw:.3f} bits per weight" + (f", the float16 rank-{args.lowrank} branch included" if args.lowrank else ""))
 print(f"eps MSE vs FP over {ddim.steps} steps on {args.eval_samples} held-out trajectories: {mse:.5f}")
 elapsed = time.time() - t_start
 ckpt = quant_checkpoint(qmodel.cpu(), fp_reference(model.cpu(), args.ckpt, args.config), report=report, eps_mse=mse,
                         source=str(args.ckpt))
 json_path = out_path.with_suffix(".json")
-save_with_report(ckpt, out_path, dict(settings=settings, eps_mse=mse, seconds=elapsed, layers=report))
+save_with_report(ckpt, out_path, dict(settings=settings, eps_mse=mse, bits_per_weight=bpw, seconds=elapsed, layers=report))
 if args.pack:
     write_packed(qmodel, out_path.with_suffix(".packed.pt"))
 print(f"wrote {out_path} and {json_path} in {elapsed:.0f} s")

@@ -1,7 +1,7 @@
 """Reproduces the paper's comparison on the embedded default, end to end through the four scripts
 (quantize.py -> distill.py -> sample.py -> evaluate.py), over several training seeds, with a shared
 learning-rate search for every arm, controls of OMQ's parts and a training-budget curve. Writes
-Markdown tables, a JSON file holding every run's figures, the budget curve as a PNG and the sample
+Markdown tables, a JSON file holding every run's figures, the fidelity-over-updates curve as a PNG and the sample
 grids side by side. Finished runs are kept in the JSON and skipped (delete --out to start over).
 
     python bench/reproduce.py --bits 2 --cells fp,baseline,mpqdm --jobs 2        # the README's main job
@@ -17,6 +17,10 @@ Cells (method = how the weights are quantized, distillation = what fine-tunes th
     smooth    uniform bits + OMQ's smoothing search (no split)
     nosmooth  OMQ's kurtosis split without smoothing
     random    OMQ's smoothing and its numbers of n+1 / n-1 channels per layer, on random channels
+  a float low-rank branch of rank R (quantize.py --lowrank R --lowrank-init, models/lowrank.py), which
+  distillation trains in place of the cold-start LoRA:
+    ptq_lrR   uniform bits + branch, no distillation   baseline_lrR  the baseline + branch
+    mpqdm_lrR MPQ-DM + branch
 
 Learning rates: without --lr-search or --lr-mult, every distilled cell runs at the LoRA learning-rate
 multiplier that the committed search chose for it (the lowest held-out eps MSE in
@@ -110,6 +114,7 @@ parser.add_argument("--select-by", choices=["both", "guided"], default=None,
                          "search run here; for a committed search, the rule it ran under (both where its file does not say)")
 parser.add_argument("--search-iters", type=int, default=None, help="distill.py --iters of the search (default: --distill-iters)")
 parser.add_argument("--search-only", action="store_true", help="run the learning-rate search, then only write the tables")
+parser.add_argument("--lowrank-init", choices=["svd", "loftq"], default="loftq", help="the *_lrR cells' branch")
 parser.add_argument("--budget-iters", default="", help="extra distill.py --iters for the budget curve, e.g. 10,160")
 parser.add_argument("--budget-cells", default="baseline,mpqdm")
 parser.add_argument("--budget-seeds", type=int, default=2, help="the first this many training seeds run the budget curve")
@@ -121,6 +126,20 @@ if args.sweep:
     for k, v in SWEEP.items():
         setattr(args, k, v)
 cells = args.cells.split(",")
+
+
+def register(c):
+    """Adds a low-rank cell (ptq_lrR, baseline_lrR, mpqdm_lrR: its rank in its name) to the cells."""
+    base, _, rank = c.partition("_lr")
+    if c not in CELLS and rank.isdigit() and int(rank) > 0 and base in ("ptq", "baseline", "mpqdm"):
+        variant = f"{CELLS[base][0]}_lr{int(rank)}"
+        QUANT[variant] = QUANT[CELLS[base][0]] + ["--lowrank", str(int(rank)), "--lowrank-init", args.lowrank_init]
+        CELLS[c] = (variant, CELLS[base][1])
+        NAMES[c] = f"{NAMES[base].split(' (')[0]} + rank-{int(rank)} branch" + (" (no distillation)" if base == "ptq" else "")
+
+
+for c in cells + args.budget_cells.split(","):
+    register(c)
 if unknown := [c for c in cells + args.budget_cells.split(",") if c not in CELLS]:
     parser.error(f"unknown cells {unknown}: choose from {list(CELLS)}")
 bits = [int(b) for b in args.bits.split(",")]
@@ -150,6 +169,12 @@ FORMAT = 2  # 1: one training seed, keys without seed/multiplier/iterations
 results = json.loads(results_path.read_text()) if results_path.exists() else {}
 if results.get("format") != FORMAT:
     results = dict(format=FORMAT, runs={}, search={})
+for r in list(results["runs"].values()) + list(results["search"].values()):  # the tables show every run kept
+    register(r["cell"])
+if any("_lr" in c for c in CELLS):  # one branch init per --out: the cells' names do not carry it
+    if results.setdefault("lowrank_init", args.lowrank_init) != args.lowrank_init:
+        parser.error(f"{results_path} holds low-rank cells with --lowrank-init {results['lowrank_init']}; pass that, "
+                     f"or use another --out")
 env = dict(os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if args.jobs > 1 else {}))
 t_sweep = time.time()
 
@@ -267,6 +292,7 @@ def sample_and_score(job):
     if variant:
         q = json.loads(quant_path(variant, n, seed).with_suffix(".json").read_text())
         eps_mse, stage_seconds["quantize"] = q["eps_mse"], q["seconds"]
+        paired["bits_per_weight"] = q.get("bits_per_weight", float(n))  # written since the branch; n before it
         if trd:
             d = json.loads(ckpt.with_suffix(".json").read_text())
             eps_mse, stage_seconds["distill"] = d["eps_mse_after"], d["seconds"]
@@ -421,9 +447,9 @@ for j in dict.fromkeys(jobs):
 runs = [r for r in results["runs"].values() if r["sample_seed"] in (args.sample_seed, args.sample_seed + 1)
         and r["n_samples"] == args.num_images]
 main = [r for r in runs if r["iters"] in (None, args.distill_iters)]
-HEADER = ["| setting | method | LoRA lr × | seeds | FID | FID vs FP | eps MSE vs FP | FID vs baseline (paired per seed) "
+HEADER = ["| setting | method | bits / weight | LoRA lr × | seeds | FID | FID vs FP | eps MSE vs FP | FID vs baseline (paired per seed) "
           "| PSNR vs FP, dB | PSNR vs baseline, dB | feature distance vs FP | feature distance vs baseline |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def per_image(r, key):
@@ -459,7 +485,8 @@ def table_row(rs, base_mult):
     base = {b["train_seed"]: b["fid"] for b in base_runs}
     paired = [100 * (r["fid"] - base[r["train_seed"]]) / base[r["train_seed"]] for r in rs
               if CELLS[cell][0] and cell != "baseline" and r["train_seed"] in base]
-    return (f"| {'FP32' if not n else f'W{n}A{args.abits}'} | {NAMES[cell]} | {fmt(rs[0]['lr_mult'], 'g')} | "
+    bpw = statistics.mean(r.get("bits_per_weight", n) for r in rs) if n else 32
+    return (f"| {'FP32' if not n else f'W{n}A{args.abits}'} | {NAMES[cell]} | {bpw:.2f} | {fmt(rs[0]['lr_mult'], 'g')} | "
             f"{','.join(str(r['train_seed']) for r in rs) if CELLS[cell][0] else '-'} | {mean_std([r['fid'] for r in rs])} | "
             f"{mean_std([r['fid_vs_fp'] for r in rs])} | {mean_std([r['eps_mse'] for r in rs], '.4f')} | "
             f"{mean_std(paired, '+.0f', '.0f') + ' %' if paired else '-'} | "
@@ -506,40 +533,76 @@ for r in runs:
         budget.setdefault((r["wbits"], r["cell"], r["lr_mult"], r["iters"]), []).append(r)
 curves = {}
 if budget and len({k[3] for k in budget}) > 1:
-    md += ["", "Training budget (mean ± std over the seeds run at each budget):", "",
-           "| setting | method | LoRA lr × | updates | seeds | FID | FID vs FP | eps MSE vs FP |", "|---|---|---|---|---|---|---|---|"]
-    for (n, cell, mult, iters), rs in sorted(budget.items(), key=lambda kv: (kv[0][0], list(CELLS).index(kv[0][1]), kv[0][2], kv[0][3])):
-        md.append(f"| W{n}A{args.abits} | {NAMES[cell]} | {mult:g} | {iters * 20} | {','.join(str(r['train_seed']) for r in rs)} | "
-                  f"{mean_std([r['fid'] for r in rs])} | {mean_std([r['fid_vs_fp'] for r in rs])} | "
-                  f"{mean_std([r['eps_mse'] for r in rs], '.4f')} |")
-        curves.setdefault((n, cell, mult), []).append((iters * 20, [r["fid"] for r in rs]))
+    md += ["", "Training budget: fidelity to the FP model over distillation updates (0: the uniform PTQ model the "
+           "distillation starts from, where the cell has one); mean ± std over the seeds run at each budget, PSNR "
+           "[95 % interval over seeds and images]:", "",
+           "| setting | method | LoRA lr × | updates | seeds | PSNR vs FP, dB | FID | FID vs FP | eps MSE vs FP |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for (n, cell, mult), _ in sorted({k[:3]: 1 for k in budget}.items(), key=lambda kv: (kv[0][0], list(CELLS).index(kv[0][1]), kv[0][2])):
+        start = cell.replace("baseline", "ptq") if cell.startswith("baseline") else None  # its update 0
+        points = [(0, [r for r in main if r["cell"] == start and r["wbits"] == n])] if start else []
+        points += [(i * 20, rs) for (m, c, mm, i), rs in sorted(budget.items()) if (m, c, mm) == (n, cell, mult)]
+        seeds_at = {u: {r["train_seed"] for r in rs} for u, rs in points if rs}
+        for u, rs in points:
+            if not rs:
+                continue
+            psnr = [per_image(r, "psnr") for r in sorted(rs, key=lambda r: r["train_seed"])]
+            ok = all(v is not None for v in psnr)
+            md.append(f"| W{n}A{args.abits} | {NAMES[cell]} | {mult:g} | {u} | {','.join(str(r['train_seed']) for r in rs)} | "
+                      f"{format_interval(interval(psnr), '.2f') if ok else '-'} | {mean_std([r['fid'] for r in rs])} | "
+                      f"{mean_std([r['fid_vs_fp'] for r in rs])} | {mean_std([r['eps_mse'] for r in rs], '.4f')} |")
+            if ok:  # the plot: every budget on the seeds that all budgets of the line have
+                common = set.intersection(*seeds_at.values())
+                vals = [float(np.mean(per_image(r, "psnr"))) for r in rs if r["train_seed"] in common]
+                if vals:
+                    curves.setdefault((n, cell, mult), []).append((u, vals))
+lowrank_rows = [c for c in dict.fromkeys(r["cell"] for r in main) if "_lr" in c]
+if lowrank_rows:  # each low-rank cell against its cold start: the same cell without the branch, same seed
+    md += ["", "The float low-rank branch against the cold start (the same cell without it; paired per training seed "
+           "and image, mean [95 % interval]):", "",
+           "| setting | method | bits / weight | seeds | PSNR vs cold start, dB | feature distance vs cold start |", "|---|---|---|---|---|---|"]
+    for n in sorted({r["wbits"] for r in main if r["wbits"]}):
+        for c in lowrank_rows:
+            cold = c.partition("_lr")[0]
+            mine = {r["train_seed"]: r for r in main if r["cell"] == c and r["wbits"] == n
+                    and (r["lr_mult"] or 0) == (chosen.get((c, n)) or 0)}
+            base = {r["train_seed"]: r for r in main if r["cell"] == cold and r["wbits"] == n
+                    and (r["lr_mult"] or 0) == (chosen.get((cold, n)) or 0)}
+            common = sorted(set(mine) & set(base))
+            if not common:
+                continue
+            cols = []
+            for k, f in (("psnr", "+.2f"), ("feature_distance", "+.3f")):
+                d = [per_image(mine[s_], k) - per_image(base[s_], k) for s_ in common
+                     if per_image(mine[s_], k) is not None and per_image(base[s_], k) is not None]
+                cols.append(format_interval(interval(d), f) if d else "-")
+            md.append(f"| W{n}A{args.abits} | {NAMES[c]} | {statistics.mean(mine[s_].get('bits_per_weight', n) for s_ in common):.2f} | "
+                      f"{','.join(map(str, common))} | " + " | ".join(cols) + " |")
 if todo:
     md += ["", f"Wall time of the invocation that ran the last runs: {(time.time() - t_sweep) / 60:.1f} min (--jobs {args.jobs})."]
 (args.out / "results.md").write_text("\n".join(md) + "\n")
 print("\n".join(md))
 
 
-# ---- 4. pictures: the budget curve, and the sample grids of FP, baseline and MPQ-DM side by side
-def plot_budget(curves, fp_fid, path, size=(760, 420), margin=60, right=170):
-    """FID against updates (log scale), one line per method with its seed range; PIL only."""
-    import math
+# ---- 4. pictures: the fidelity-over-updates curve, and the sample grids of FP, baseline and MPQ-DM side by side
+def plot_budget(curves, path, size=(760, 420), margin=60, right=230):
+    """Mean PSNR vs FP against distillation updates (the budgets run, evenly spaced, 0 the PTQ model),
+    one line per method with its seed range; PIL only."""
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     xs = sorted({u for pts in curves.values() for u, _ in pts})
-    ys = [v for pts in curves.values() for _, vs in pts for v in vs] + [fp_fid]
-    x0, x1, y0, y1 = math.log(xs[0]), math.log(xs[-1]), 0.0, max(ys) * 1.1
-    px = lambda u: margin + (math.log(u) - x0) / (x1 - x0) * (size[0] - margin - right)
+    ys = [v for pts in curves.values() for _, vs in pts for v in vs]
+    y0, y1 = int(min(ys)) - 1, int(max(ys)) + 2
+    px = lambda u: margin + xs.index(u) / max(len(xs) - 1, 1) * (size[0] - margin - right)
     py = lambda v: size[1] - margin - (v - y0) / (y1 - y0) * (size[1] - 2 * margin)
     d.line([(margin, margin), (margin, size[1] - margin), (size[0] - right, size[1] - margin)], fill="black")
     for u in xs:
         d.text((px(u) - 12, size[1] - margin + 6), str(u), fill="black")
-    for v in range(0, int(y1) + 1, max(1, int(y1 / 5 // 10 * 10) or 1)):
+    for v in range(y0, y1 + 1):
         d.text((8, py(v) - 6), str(v), fill="black")
         d.line([(margin - 4, py(v)), (margin, py(v))], fill="black")
-    d.text((size[0] // 2 - 60, size[1] - 24), "distillation updates (log)", fill="black")
-    d.text((margin, 12), "in-domain FID (lower is better); bars: min-max over seeds", fill="black")
-    d.line([(margin, py(fp_fid)), (size[0] - right, py(fp_fid))], fill=(120, 120, 120))
-    d.text((size[0] - right + 6, py(fp_fid) - 6), "FP", fill=(120, 120, 120))
+    d.text((size[0] // 2 - 90, size[1] - 24), "distillation updates (0: PTQ)", fill="black")
+    d.text((margin, 12), "PSNR vs the FP model's images, dB (higher is closer); bars: min-max over seeds", fill="black")
     labels = []
     for (label, pts), colour in zip(sorted(curves.items()), [(200, 40, 40), (30, 90, 200), (230, 140, 30), (120, 60, 180), (30, 150, 60)]):
         pts = sorted(pts)
@@ -548,9 +611,9 @@ def plot_budget(curves, fp_fid, path, size=(760, 420), margin=60, right=170):
             d.line([(px(u), py(min(vs))), (px(u), py(max(vs)))], fill=colour, width=1)
             d.ellipse([px(u) - 3, py(statistics.mean(vs)) - 3, px(u) + 3, py(statistics.mean(vs)) + 3], fill=colour)
         labels.append([py(statistics.mean(pts[-1][1])) - 6, px(pts[-1][0]) + 6, label, colour])
-    prev = float("inf")
-    for y, x, label, colour in sorted(labels, reverse=True):  # from the bottom up, each label at least a line above the last
-        prev = min(y, prev - 12)
+    prev = float("-inf")
+    for y, x, label, colour in sorted(labels):  # from the top down, each label at least a line below the last
+        prev = max(y, prev + 12)
         d.text((x, prev), label, fill=colour)
     img.save(path)
 
@@ -559,9 +622,9 @@ fp_run = results["runs"].get("fp")
 for n in bits:
     c = {f"{NAMES[cell].split(' (')[0]}, lr x{mult:g}": pts for (m, cell, mult), pts in curves.items()
          if m == n and len(pts) > 1}
-    if c and fp_run:
-        plot_budget(c, fp_run["fid"], args.out / f"budget_w{n}a{args.abits}.png")
-        print(f"wrote {args.out / f'budget_w{n}a{args.abits}.png'}")
+    if c:
+        plot_budget(c, args.out / f"fidelity_w{n}a{args.abits}.png")
+        print(f"wrote {args.out / f'fidelity_w{n}a{args.abits}.png'}")
     panels = [("FP", args.out / "samples" / "fp")] + [
         (f"{NAMES[c].split(' (')[0]}, W{n}A{args.abits}, lr x{chosen.get((c, n)):g}",
          args.out / "samples" / key(c, n, seeds[0], chosen.get((c, n)), args.distill_iters).replace(" ", "_"))

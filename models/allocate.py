@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.lowrank import lowrank_split
 from models.quant import code_max, range_search
 
 def kurtosis(w):
@@ -102,8 +103,25 @@ def _calibrate_activations(q, inputs):
         q.a_scale[step], q.a_zero[step] = scale[0], zero[0]
 
 
+def _set_branch(q, w0, lowrank):
+    """Splits the layer's full-precision weight w0 into q's float branch L (from the smoothed weight
+    w0 * s, models/lowrank.py) and the residual w0 - L, which q.layer.weight then holds and the
+    quantizer sees. lowrank: (rank, init, rounds). Returns the LoftQ weight errors."""
+    rank, init, rounds = lowrank
+    s = q._channel_view(q.smooth, w0.dim(), 1)
+    u, v, errors = lowrank_split((w0 * s).reshape(w0.shape[0], -1), rank, q.wbits, init, rounds)
+    v = (v.reshape(rank, *w0.shape[1:]) / s.squeeze(0)).reshape(rank, -1)  # L on the unsmoothed input
+    # in float16 values, as the model keeps them (round_params), before the residual is taken from them:
+    # the branch and the residual then add up to w0 to float32 rounding
+    u, v = u.half().float(), v.half().float()
+    q.lowrank_U.copy_(u)
+    q.lowrank_V.copy_(v)
+    q.layer.weight.copy_(w0 - (u @ v).reshape(w0.shape))
+    return errors
+
+
 @torch.no_grad()
-def calibrate_layer(q, inputs, method="omq", smooth_alphas=(0.5,), group_frac=0.1, generator=None):
+def calibrate_layer(q, inputs, method="omq", smooth_alphas=(0.5,), group_frac=0.1, generator=None, lowrank=None):
     """Calibrates one QuantLayer on its full-precision inputs {step: tensor}: smoothing scale,
     per-step activation ranges, and (mode 'quant') the bit split and weight ranges. Every
     combination of smoothing strength (smooth_alphas) and split (OMQ: 0, g, 2g, ... channels at
@@ -111,6 +129,9 @@ def calibrate_layer(q, inputs, method="omq", smooth_alphas=(0.5,), group_frac=0.
     best is kept. Per-channel weight ranges do not depend on the other channels' bit-widths, so
     the layer's error is measured once per bit-width (n-1, n, n+1) and every split is scored from
     those per-channel errors (channel_errors). Method 'random' draws its channels from `generator`.
+    lowrank (a layer of mode 'quant' with a branch, QuantLayer.add_lowrank): (rank, init, rounds);
+    for each smoothing strength the branch is taken from the smoothed weight and everything above
+    is done on the residual (the branch is exact, so the layer's output error is the residual's).
     Returns a report dict."""
     if q.mode == "fp":
         return dict(mode="fp")
@@ -121,9 +142,14 @@ def calibrate_layer(q, inputs, method="omq", smooth_alphas=(0.5,), group_frac=0.
     split = q.mode == "quant" and method in ("omq", "random") and wbits > 1
     options = [wbits - 1, wbits, wbits + 1] if split else [wbits]
     best, errors_uniform = None, {}
+    lowrank = lowrank if q.mode == "quant" and q.lowrank_U is not None else None
+    w0 = layer.weight.clone() if lowrank else None
     for alpha in smooth_alphas:
+        if lowrank:
+            layer.weight.copy_(w0)  # the smoothing scale is the full weight's
         q.smooth.copy_(smoothing_scale(layer, inputs, alpha) if alpha else torch.ones_like(q.smooth))
         _calibrate_activations(q, inputs)
+        loftq_errors = _set_branch(q, w0, lowrank) if lowrank else None
         w = q.smoothed_weight()
         kurt = kurtosis(w)
         ranges, weights = [], []
@@ -144,7 +170,9 @@ def calibrate_layer(q, inputs, method="omq", smooth_alphas=(0.5,), group_frac=0.
                 errors_uniform[alpha] = e
             if best is None or e < best["err"]:
                 best = dict(err=e, alpha=alpha, k=k, kurt=kurt, bits=bits, smooth=q.smooth.clone(), scales=scales,
-                            zeros=zeros, errors=err, a_scale=q.a_scale.detach().clone(), a_zero=q.a_zero.detach().clone())
+                            zeros=zeros, errors=err, a_scale=q.a_scale.detach().clone(), a_zero=q.a_zero.detach().clone(),
+                            branch=[t.clone() for t in (layer.weight, q.lowrank_U, q.lowrank_V)] if lowrank else None,
+                            loftq_errors=loftq_errors)
     err_kurtosis = best["err"]
     if split and method == "random":  # OMQ's k and smoothing, channels drawn at random
         best["bits"] = split_bits(torch.rand(len(best["bits"]), generator=generator), wbits, best["k"])
@@ -154,9 +182,13 @@ def calibrate_layer(q, inputs, method="omq", smooth_alphas=(0.5,), group_frac=0.
     best["w_scale"], best["w_zero"] = best["scales"].gather(0, pick)[0], best["zeros"].gather(0, pick)[0]
     for name in ("bits", "smooth", "w_scale", "w_zero", "a_scale", "a_zero"):
         getattr(q, name).copy_(best[name])
+    if lowrank:  # the chosen smoothing's branch and residual
+        for t, v in zip((layer.weight, q.lowrank_U, q.lowrank_V), best["branch"]):
+            t.copy_(v)
     q.round_params()
     bits, kurt = q.bits, best["kurt"]
     return dict(mode=q.mode, wbits=wbits, abits=q.abits, out_channels=len(bits), split=best["k"],
                 smooth_alpha=best["alpha"], high=int((bits == wbits + 1).sum()), low=int((bits == wbits - 1).sum()),
                 mean_bits=bits.float().mean().item(), kurtosis_min=kurt.min().item(), kurtosis_max=kurt.max().item(),
-                mse_uniform=errors_uniform[smooth_alphas[0]], mse_chosen=best["err"], mse_kurtosis_split=err_kurtosis)
+                mse_uniform=errors_uniform[smooth_alphas[0]], mse_chosen=best["err"], mse_kurtosis_split=err_kurtosis,
+                **(dict(lowrank=lowrank[0], loftq_weight_errors=best["loftq_errors"]) if lowrank else {}))

@@ -19,13 +19,14 @@ The kernels are PyTorch's oneDNN ops that Inductor's x86 quantization lowers to
 weights are held only in their prepacked int8 form (no float copy). Outputs equal the fake-quant
 layer's to float rounding (tests/test_int8.py). Layers whose codes do not fit (more than 8 bits, or
 products that can saturate the kernels' int16 pair sums: the W8A8 layers) stay as they are, in
-float, and are counted; attention matmuls, norms and activations stay in float.
+float, and are counted; attention matmuls, norms and activations stay in float. A layer's float
+low-rank branch (quantize.py --lowrank) runs in float beside its int8 GEMM, on the same input.
 Convolutions run in channels-last layout (the kernels' own), so the whole UNet does.
 """
 import torch
 import torch.nn as nn
 
-from models.quant import QuantLayer, code_max, quant_int, quant_layers, scratch_like
+from models.quant import QuantLayer, branch_forward, code_max, quant_int, quant_layers, scratch_like
 
 
 def int8_unavailable(device):
@@ -128,6 +129,10 @@ class Int8Layer(nn.Module):
             # its layout for it (a few % faster on the largest convolutions here)
             self.w8, self.weight = (w8[:, :, None] if conv1d else w8), None
         self.weight_bytes = w8.numel() + 4 * (self.w_scale.numel() + self.bias.numel() + self.correction.numel())
+        self.branch = None  # (U, V, conv args): the float branch, as QuantLayer computes it
+        if q.lowrank_U is not None:
+            self.branch = (q.lowrank_U.detach(), q.lowrank_V.detach(), q.branch_conv)
+            self.weight_bytes += 4 * (q.lowrank_U.numel() + q.lowrank_V.numel())
 
     def quantize_input(self, x):
         """uint8 codes of Q_a(x / s) and the step's (scale, zero-point): QuantLayer.quant_input's
@@ -145,6 +150,10 @@ class Int8Layer(nn.Module):
         return uint8_scratch(t).copy_(t.view(torch.int32)), float(scale), int(zero)
 
     def forward(self, x):
+        y = self._int8_forward(x)
+        return y if self.branch is None else y.add_(branch_forward(x, *self.branch))
+
+    def _int8_forward(self, x):
         if self.kind == "linear":
             u, scale, zero = self.quantize_input(x)
             out = torch.ops.onednn.qlinear_pointwise(u, scale, zero, self.weight, self.w_scale, self.w_zp, self.bias,

@@ -2,8 +2,8 @@
 bit-widths (1, 2, 3, ... bits, mixed within a layer as OMQ allocated them), bit-packed into uint8.
 
 Per quantized layer the file holds the per-channel bit-widths, scales and zero-points, the packed
-codes of each bit-width's channels, the smoothing scale, the per-step activation parameters and the
-bias. Unpacking gives exactly the fake-quantized weights the model was sampled with: the dequantized
+codes of each bit-width's channels, the smoothing scale, the per-step activation parameters, the
+bias and, where there is one, the float low-rank branch (in float16: the values it computes with). Unpacking gives exactly the fake-quantized weights the model was sampled with: the dequantized
 weight is (code - zero) * scale with the same float32 scale and zero-point.
 """
 import numpy as np
@@ -75,7 +75,7 @@ def pack_model(qmodel):
         tensors[f"quantizer:{name}"] = torch.cat([t.detach().reshape(-1) for t in record]).half()
         tensors[f"bits:{name}"] = q.bits
     skip = {f"{n}.{k}" for n in quantized for k in ("layer.weight",) + QUANTIZER_STATE}
-    tensors.update({k: v for k, v in qmodel.state_dict().items() if k not in skip})
+    tensors.update({k: v.half() if k.endswith(BRANCH) else v for k, v in qmodel.state_dict().items() if k not in skip})
     return dict(layers=layers, codes=torch.cat(code_parts) if code_parts else torch.zeros(0, dtype=torch.uint8),
                 tensors=flatten(tensors))
 
@@ -83,6 +83,7 @@ def pack_model(qmodel):
 def unpack_model(packed):
     """state_dict of the quantized DiffusionModel (packed layers' weights dequantized) from pack_model."""
     sd = unflatten(packed["tensors"])
+    sd.update({k: v.float() for k, v in sd.items() if k.endswith(BRANCH)})
     for name, meta in packed["layers"].items():
         prefix = f"{name}."
         out_ch, in_ch = meta["shape"][:2]
@@ -105,9 +106,10 @@ def unpack_model(packed):
 
 
 QUANTIZER_STATE = ("smooth", "bits", "w_scale", "w_zero", "a_scale", "a_zero")
+BRANCH = ("lowrank_U", "lowrank_V")  # a float low-rank branch (models/lowrank.py): stored in float16, as it computes
 
 
 def fp32_bytes(model):
     """Size of a model's weights as float32 (quantizer parameters excluded): what a packed file is
     compared with."""
-    return sum(v.numel() * 4 for k, v in model.state_dict().items() if not k.endswith(QUANTIZER_STATE))
+    return sum(v.numel() * 4 for k, v in model.state_dict().items() if not k.endswith(QUANTIZER_STATE + BRANCH))

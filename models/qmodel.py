@@ -4,7 +4,8 @@ checkpoint load, the packed load and the benchmarks all call it).
 
 Settings: one dict, made by quantize.py, stored whole in every quantized and packed checkpoint and
 read back whole, on the model as `model.quant_settings`. Building needs wbits, abits, steps,
-quantize_all and quantize_conv1d; the rest (eta, guidance, method, calibration settings) say how the
+quantize_all and quantize_conv1d, and lowrank (the rank of the float branch of every low-bit layer,
+models/lowrank.py; 0 or missing: none); the rest (eta, guidance, method, calibration settings) say how the
 model was made and how it is to be sampled.
 """
 import copy
@@ -54,7 +55,10 @@ def build_quant_model(fp_model, settings):
     'quantize_conv1d' means True."""
     qmodel = copy.deepcopy(fp_model)
     n_steps = len(ddim_timesteps(settings["steps"], qmodel.config["schedule"]["timesteps"]))
-    wrap_unet(qmodel.unet, settings["wbits"], settings["abits"], n_steps, settings["quantize_all"],
-              settings.get("quantize_conv1d", True))
+    layers = wrap_unet(qmodel.unet, settings["wbits"], settings["abits"], n_steps, settings["quantize_all"],
+                       settings.get("quantize_conv1d", True))
+    for q in layers.values():
+        if q.mode == "quant" and settings.get("lowrank", 0):  # the branch sits beside the low-bit layers only
+            q.add_lowrank(settings["lowrank"])
     qmodel.quant_settings = dict(settings)
     return qmodel

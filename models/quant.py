@@ -8,6 +8,8 @@ with
   - Q_w: per-output-channel asymmetric quantizer whose bit-width may differ per channel (OMQ);
   - Q_a: asymmetric per-tensor quantizer with one (scale, zero-point) per DDIM sampling step;
   - B A: an optional LoRA update (distill.py), merged into W before packing.
+With a low-rank branch (quantize.py --lowrank R, models/lowrank.py) W holds the residual W - L and
+the layer adds L x = U (V x) in float on the unquantized input.
 The fake-quantized weight is computed by `refresh()` (once per training step, once at load) and
 cached; forward never requantizes it.
 """
@@ -143,6 +145,28 @@ def range_search(x, qmax, dim=None, grid=20, integer_zero=False):
     return best_scale, best_zero
 
 
+def conv_args(layer):
+    """What the branch needs of the layer it sits beside: None for a Linear, else the convolution's
+    kernel size, stride, padding and dilation (the branch is that convolution at R output channels,
+    then a 1x1 one back to the layer's)."""
+    if isinstance(layer, nn.Linear):
+        return None
+    if layer.groups != 1 or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+        raise ValueError("a low-rank branch needs an ungrouped convolution with explicit zero padding")
+    return dict(kernel=tuple(layer.weight.shape[2:]), stride=layer.stride, padding=layer.padding,
+                dilation=layer.dilation)
+
+
+def branch_forward(x, u, v, conv):
+    """L x for L = U V: two thin products (x through V, then U), never the [out, fan_in] matrix."""
+    if conv is None:
+        return F.linear(F.linear(x, v), u)
+    conv_fn = F.conv1d if len(conv["kernel"]) == 1 else F.conv2d
+    h = conv_fn(x, v.reshape(v.shape[0], -1, *conv["kernel"]), None, conv["stride"], conv["padding"], conv["dilation"])
+    return conv_fn(h, u.reshape(*u.shape, *[1] * len(conv["kernel"])))
+
+
+
 # weights from this size up recompute their fake-quantization in backward (see refresh): 98 % of
 # LDM-4's weights, none of the embedded default's, where the bookkeeping cost more time than the
 # memory was worth
@@ -194,6 +218,7 @@ class QuantLayer(nn.Module):
         self.a_scale = nn.Parameter(torch.ones(n_steps, device=dev))
         self.a_zero = nn.Parameter(torch.zeros(n_steps, device=dev))
         self.lora_A = self.lora_B = None
+        self.lowrank_U = self.lowrank_V = None  # the float branch L = U V (add_lowrank)
         self.recompute = False  # training: recompute activations in backward (distill.py --recompute)
 
     # ---- weights
@@ -246,8 +271,9 @@ class QuantLayer(nn.Module):
     def round_params(self):
         """Rounds the quantizer parameters to float16-representable values, which is how a packed
         checkpoint stores them: the model then computes with exactly what the file holds."""
-        for t in (self.w_scale, self.w_zero, self.a_scale, self.a_zero, self.smooth):
-            t.copy_(t.half().float())
+        for t in (self.w_scale, self.w_zero, self.a_scale, self.a_zero, self.smooth, self.lowrank_U, self.lowrank_V):
+            if t is not None:  # the branch too: the packed file stores it in float16
+                t.copy_(t.half().float())
         self.w_q = None
 
     def lora_step_size(self):
@@ -263,6 +289,14 @@ class QuantLayer(nn.Module):
         a = torch.randn(rank, fan_in, generator=generator) / fan_in ** 0.5
         self.lora_A = nn.Parameter(a.to(w))
         self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device))
+
+    def add_lowrank(self, rank):
+        """A float branch L = U V of this rank beside the quantized weight, zero until calibration
+        (models/lowrank.py) or a checkpoint fills it; frozen until distill.py trains it."""
+        w = self.layer.weight
+        self.branch_conv = conv_args(self.layer)  # refuses a layer the branch cannot sit beside
+        self.lowrank_U = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device), requires_grad=False)
+        self.lowrank_V = nn.Parameter(torch.zeros(rank, w[0].numel(), dtype=w.dtype, device=w.device), requires_grad=False)
 
     @torch.no_grad()
     def merge_lora(self):
@@ -297,8 +331,12 @@ class QuantLayer(nn.Module):
             self.refresh()
         if self.recompute and torch.is_grad_enabled():
             # keep only the layer's input for backward; its quantized copy and output are recomputed
-            return checkpoint(self._quant_forward, x, use_reentrant=False)
-        return self._quant_forward(x)
+            y = checkpoint(self._quant_forward, x, use_reentrant=False)
+        else:
+            y = self._quant_forward(x)
+        if self.lowrank_U is not None:  # the float branch, on the input before quantization
+            y = y + branch_forward(x, self.lowrank_U, self.lowrank_V, self.branch_conv)
+        return y
 
     def _quant_forward(self, x):
         x = self.quant_input(x)

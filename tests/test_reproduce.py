@@ -63,3 +63,12 @@ def test_no_committed_choice_runs_x1_with_a_note(tmp_path):
     assert got["mpqdm"][0] == 1 and "by the guided eps MSE" in got["mpqdm"][1]
     got = plan(tmp_path, "--bits", 2, "--cells", "mpqdm", "--lr-mult", 4)
     assert got["mpqdm"] == (4, "--lr-mult")
+
+
+def test_lowrank_cells_carry_their_rank(tmp_path):
+    """baseline_lrR, mpqdm_lrR, ptq_lrR: the cell's rank is in its name (runs of two ranks never share a key)."""
+    got = plan(tmp_path, "--bits", 2, "--cells", "fp,ptq_lr2,baseline_lr2,mpqdm_lr8", "--lr-mult", 4)
+    assert got == {"baseline_lr2": (4, "--lr-mult"), "mpqdm_lr8": (4, "--lr-mult")}  # ptq_lr2: not distilled
+    for bad in ("baseline_lr0", "fp_lr2", "trd_lr2"):
+        proc = run_script("bench/reproduce.py", "--plan", "--cells", bad, "--out", tmp_path / "out", check=False)
+        assert proc.returncode == 2 and "unknown cells" in proc.stderr, bad
