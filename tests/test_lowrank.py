@@ -221,3 +221,27 @@ def test_int8_layer_with_a_branch_equals_the_fake_quant_layer(kind):
 def test_negative_rank_is_refused(fp_ckpt, tmp_path):
     proc = run_script("quantize.py", "--ckpt", fp_ckpt, "--out", tmp_path / "x.pt", "--lowrank", -1, check=False)
     assert proc.returncode == 2 and "--lowrank must be 0" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["cin256-v2", "lsun_beds256"])
+def test_official_layer_policy_puts_the_branch_on_the_low_bit_layers_only(name):
+    """On the official models' UNets (built on the meta device from the built-in configs, whose names
+    and shapes tests/test_ldm.py checks against the manifests) the branch sits beside the official code's
+    quantized layers less the four W8A8 ones, and beside the LSUN attention Conv1d layers only when
+    those are quantized."""
+    from models.ldm import LDM_CONFIGS, DiffusionModel
+    from models.qmodel import build_quant_model
+    from tests.test_ldm import OFFICIAL_LAYER_COUNTS
+
+    with torch.device("meta"):
+        fp = DiffusionModel(LDM_CONFIGS[name])
+    for conv1d, extra in ((False, 0), (True, {"cin256-v2": 0, "lsun_beds256": 32}[name])):
+        with torch.device("meta"):
+            q = build_quant_model(fp, dict(wbits=2, abits=4, steps=20, quantize_all=False, quantize_conv1d=conv1d, lowrank=8))
+        layers = quant_layers(q.unet)
+        branched = {n: m for n, m in layers.items() if m.lowrank_U is not None}
+        assert len(branched) == OFFICIAL_LAYER_COUNTS[name] - 4 + extra
+        assert all(m.mode == "quant" for m in branched.values())
+        assert sum(isinstance(m.layer, nn.Conv1d) for m in branched.values()) == extra
+        for m in branched.values():
+            assert m.lowrank_U.shape == (m.layer.weight.shape[0], 8) and m.lowrank_V.shape == (8, m.layer.weight[0].numel())
