@@ -578,6 +578,39 @@ if lowrank_rows:  # each low-rank cell against its cold start: the same cell wit
                 cols.append(format_interval(interval(d), f) if d else "-")
             md.append(f"| W{n}A{args.abits} | {NAMES[c]} | {statistics.mean(mine[s_].get('bits_per_weight', n) for s_ in common):.2f} | "
                       f"{','.join(map(str, common))} | " + " | ".join(cols) + " |")
+widths = sorted({r["wbits"] for r in main if r["wbits"]})
+if len(widths) > 1 or results["search"]:  # every width this folder holds, each cell at its search's choice
+    rule = results.get("select_by", "both")
+
+    def searched_choice(c, n):
+        """The multiplier the folder's search chose for (cell, width) by its rule, or None."""
+        tried = [r for r in results["search"].values() if (r["cell"], r["wbits"], r["iters"]) == (c, n, search_iters)
+                 and selection_mse(r, rule) is not None]
+        return min(tried, key=lambda r: selection_mse(r, rule))["lr_mult"] if tried else None
+
+    def at_choice(c, n):
+        rs = [r for r in main if r["cell"] == c and r["wbits"] == n]
+        return [r for r in rs if not CELLS[c][1] or r["lr_mult"] == searched_choice(c, n)]
+
+    summary_cells = [c for c in CELLS if CELLS[c][0] and any(at_choice(c, n) for n in widths)]
+    md += ["", f"By bit width, each cell at the multiplier this folder's search chose ({rule} eps MSE, selection seed): PSNR "
+           "vs the FP model's images, dB, mean [95 % interval over seeds and images]; below it the paired difference "
+           "from the baseline of the same width and seed; in brackets the seeds, the multiplier and, where a branch adds "
+           "some, the bits per weight:", "",
+           "| method | " + " | ".join(f"W{n}A{args.abits}" for n in reversed(widths)) + " |", "|---|" + "---|" * len(widths)]
+    for c in summary_cells:
+        cols = []
+        for n in reversed(widths):
+            rs, base_runs = at_choice(c, n), at_choice("baseline", n)
+            if not rs or any(per_image(r, "psnr") is None for r in rs):
+                cols.append("not run")
+                continue
+            psnr, delta = paired_columns(rs, base_runs)[:2]
+            bpw = statistics.mean(r.get("bits_per_weight", n) for r in rs)
+            mult = f", × {rs[0]['lr_mult']:g}" if CELLS[c][1] else ""
+            cols.append(f"{psnr}{'' if delta == '-' else '<br>' + delta} ({len(rs)} seeds{mult}"
+                        + (f", {bpw:.2f} bits)" if abs(bpw - n) > 1e-9 else ")"))
+        md.append(f"| {NAMES[c]} | " + " | ".join(cols) + " |")
 if todo:
     md += ["", f"Wall time of the invocation that ran the last runs: {(time.time() - t_sweep) / 60:.1f} min (--jobs {args.jobs})."]
 (args.out / "results.md").write_text("\n".join(md) + "\n")
