@@ -502,7 +502,7 @@ md = [f"Seed sweep: mean ± std over training seeds (calibration + distillation;
 if search:  # each cell at the multiplier its search chose, paired with the baseline at the baseline's choice
     md += ["Each method at its own chosen learning-rate multiplier:", "", *HEADER]
     for (n, mult, ci), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2])):
-        if not n or chosen.get((list(CELLS)[ci], n)) == mult:
+        if not n or not CELLS[list(CELLS)[ci]][1] or chosen.get((list(CELLS)[ci], n)) == mult:  # FP, PTQ: no multiplier
             md.append(table_row(rs, chosen.get(("baseline", n))))
     md += ["", "Every multiplier run (paired with the baseline at the same multiplier):", ""]
 md += HEADER
