@@ -499,7 +499,7 @@ for r in main:
 md = [f"Seed sweep: mean ± std over training seeds (calibration + distillation; sample seed {args.sample_seed} for all); "
       "paired columns: mean [95 % bootstrap interval over seeds and images], "
       f"{args.distill_iters * 20} distillation updates, {args.num_images} samples per run; in-domain metrics.", ""]
-if search:  # each cell at the multiplier its search chose, paired with the baseline at the baseline's choice
+if any("chosen by" in v for v in source.values()):  # each cell at its search's choice (this one's or the committed), paired with the baseline at its choice
     md += ["Each method at its own chosen learning-rate multiplier:", "", *HEADER]
     for (n, mult, ci), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2])):
         if not n or not CELLS[list(CELLS)[ci]][1] or chosen.get((list(CELLS)[ci], n)) == mult:  # FP, PTQ: no multiplier
@@ -540,7 +540,8 @@ if budget and len({k[3] for k in budget}) > 1:
            "|---|---|---|---|---|---|---|---|---|"]
     for (n, cell, mult), _ in sorted({k[:3]: 1 for k in budget}.items(), key=lambda kv: (kv[0][0], list(CELLS).index(kv[0][1]), kv[0][2])):
         start = cell.replace("baseline", "ptq") if cell.startswith("baseline") else None  # its update 0
-        points = [(0, [r for r in main if r["cell"] == start and r["wbits"] == n])] if start else []
+        points = [(0, sorted((r for r in main if r["cell"] == start and r["wbits"] == n), key=lambda r: r["train_seed"]))
+                  ] if start else []
         points += [(i * 20, rs) for (m, c, mm, i), rs in sorted(budget.items()) if (m, c, mm) == (n, cell, mult)]
         seeds_at = {u: {r["train_seed"] for r in rs} for u, rs in points if rs}
         for u, rs in points:
@@ -618,7 +619,7 @@ print("\n".join(md))
 
 
 # ---- 4. pictures: the fidelity-over-updates curve, and the sample grids of FP, baseline and MPQ-DM side by side
-def plot_budget(curves, path, size=(760, 420), margin=60, right=230):
+def plot_budget(curves, path, size=(820, 420), margin=60, right=260):
     """Mean PSNR vs FP against distillation updates (the budgets run, evenly spaced, 0 the PTQ model),
     one line per method with its seed range; PIL only."""
     img = Image.new("RGB", size, "white")
@@ -653,7 +654,7 @@ def plot_budget(curves, path, size=(760, 420), margin=60, right=230):
 
 fp_run = results["runs"].get("fp")
 for n in bits:
-    c = {f"{NAMES[cell].split(' (')[0]}, lr x{mult:g}": pts for (m, cell, mult), pts in curves.items()
+    c = {f"{NAMES[cell].split(' (')[0].replace('EfficientDM-style ', '')}, x{mult:g}": pts for (m, cell, mult), pts in curves.items()
          if m == n and len(pts) > 1}
     if c:
         plot_budget(c, args.out / f"fidelity_w{n}a{args.abits}.png")

@@ -13,21 +13,29 @@ def plan(tmp_path, *flags):
     return {m[0]: (float(m[1]), m[2]) for m in re.findall(r"^W\d+A\d+ (\w+): LoRA lr x([\d.]+), (.*)$", out, re.M)}
 
 
-def lowest_eps_mse(search, cell, wbits=2, iters=40):
+def lowest_eps_mse(search, cell, wbits=2, iters=40, rule="both"):
+    key = "eps_mse" if rule == "both" else "eps_mse_guided"
     runs = [r for r in search.values() if (r["cell"], r["wbits"], r["iters"]) == (cell, wbits, iters)
-            and r["eps_mse"] is not None]
-    return min(runs, key=lambda r: r["eps_mse"])["lr_mult"]
+            and r[key] is not None]
+    return min(runs, key=lambda r: r[key])["lr_mult"]
 
 
 def test_default_multiplier_is_the_committed_choice(tmp_path):
-    search = json.loads(COMMITTED.read_text())["search"]
-    cells = ["baseline", "omq", "trd", "mpqdm", "random"]
+    """By the rule the committed search ran under (its file says which), per cell."""
+    committed = json.loads(COMMITTED.read_text())
+    search, rule = committed["search"], committed.get("select_by", "both")
+    cells = sorted({r["cell"] for r in search.values()})
     got = plan(tmp_path, "--bits", 2, "--cells", ",".join(["fp", *cells]))
     assert set(got) == set(cells)  # fp is not distilled
     for c in cells:
-        assert got[c] == (lowest_eps_mse(search, c),
-                          "chosen by the committed search (bench/results/w2a4_sweep.json, both eps MSE)")
-    assert got["baseline"][0] != got["mpqdm"][0]  # per cell, not one multiplier for all
+        assert got[c] == (lowest_eps_mse(search, c, rule=rule),
+                          f"chosen by the committed search (bench/results/w2a4_sweep.json, {rule} eps MSE)")
+    assert len({m for m, _ in got.values()}) > 1  # per cell, not one multiplier for all
+    # the other rule on the same file picks by the other figure
+    other = "both" if rule == "guided" else "guided"
+    got = plan(tmp_path, "--bits", 2, "--cells", ",".join(cells), "--select-by", other)
+    assert all(got[c][0] == lowest_eps_mse(search, c, rule=other) for c in cells)
+    assert any(lowest_eps_mse(search, c, rule=other) != lowest_eps_mse(search, c, rule=rule) for c in cells)
 
 
 def test_multiplier_is_read_from_the_committed_file(tmp_path):
@@ -59,8 +67,8 @@ def test_no_committed_choice_runs_x1_with_a_note(tmp_path):
     got = plan(tmp_path, "--bits", 3, "--cells", "baseline,mpqdm", "--committed", tmp_path / "nothing")
     for c in ("baseline", "mpqdm"):
         assert got[c][0] == 1 and "official rule x1: no committed search for W3A4" in got[c][1]
-    got = plan(tmp_path, "--bits", 2, "--cells", "mpqdm", "--select-by", "guided")  # the W2A4 search predates it
-    assert got["mpqdm"][0] == 1 and "by the guided eps MSE" in got["mpqdm"][1]
+    got = plan(tmp_path, "--bits", 2, "--cells", "trd")  # the committed W2A4 search did not run this cell
+    assert got["trd"][0] == 1 and "no committed search for W2A4 trd" in got["trd"][1]
     got = plan(tmp_path, "--bits", 2, "--cells", "mpqdm", "--lr-mult", 4)
     assert got["mpqdm"] == (4, "--lr-mult")
 
