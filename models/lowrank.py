@@ -83,5 +83,5 @@ def bits_per_weight(layers):
         weights += out * fan_in
         stored += (q.wbits * out if q.bits.is_meta else q.bits.double().sum().item()) * fan_in  # meta: no split yet
         if q.lowrank_U is not None:
-            stored += BRANCH_BITS * q.lowrank_U.shape[1] * (out + fan_in)
+            stored += branch_bits(out, fan_in, q.lowrank_U.shape[1]) * out * fan_in
     return stored / max(weights, 1)

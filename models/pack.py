@@ -3,7 +3,8 @@ bit-widths (1, 2, 3, ... bits, mixed within a layer as OMQ allocated them), bit-
 
 Per quantized layer the file holds the per-channel bit-widths, scales and zero-points, the packed
 codes of each bit-width's channels, the smoothing scale, the per-step activation parameters, the
-bias and, where there is one, the float low-rank branch (in float16: the values it computes with). Unpacking gives exactly the fake-quantized weights the model was sampled with: the dequantized
+bias and, where there is one, the float low-rank branch (in float16: the values it computes with).
+Unpacking gives exactly the fake-quantized weights the model was sampled with: the dequantized
 weight is (code - zero) * scale with the same float32 scale and zero-point.
 """
 import numpy as np

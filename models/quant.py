@@ -166,7 +166,6 @@ def branch_forward(x, u, v, conv):
     return conv_fn(h, u.reshape(*u.shape, *[1] * len(conv["kernel"])))
 
 
-
 # weights from this size up recompute their fake-quantization in backward (see refresh): 98 % of
 # LDM-4's weights, none of the embedded default's, where the bookkeeping cost more time than the
 # memory was worth

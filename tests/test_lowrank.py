@@ -119,6 +119,8 @@ def test_calibration_scores_the_residual_with_the_branch_in_place(kind):
     report = calibrate_layer(q2, inputs, "omq", (0.0, 0.5), 0.1, lowrank=(2, "loftq", 2))
     assert report["lowrank"] == 2 and report["loftq_weight_errors"]
     recon = q2.layer.weight.detach() + (q2.lowrank_U @ q2.lowrank_V).detach().reshape(layer.weight.shape)
+    # loose on purpose (the exact bound is test_branch_plus_residual_is_the_layer's, about 2^-23 of |W| at
+    # rank 2 on any CPU): it catches a residual taken before the branch's float16 rounding (~5e-4 of |W|)
     assert torch.allclose(recon, layer.weight.detach(), rtol=0, atol=1e-5 * layer.weight.abs().max().item())
 
 
@@ -157,7 +159,7 @@ def test_lowrank_checkpoint_carries_the_branch(lowrank_ckpt):
     assert all(q.lowrank_U is None for q in quant_layers(qmodel.unet).values() if q.mode != "quant")
     assert all(q.lowrank_U.abs().sum() > 0 for q in low.values())
     assert ckpt["settings"]["lowrank"] == 3 and ckpt["settings"]["lowrank_init"] == "loftq"
-    # float16 values (the packed file's), and the model's output with the branch differs from without
+    # float16 values (the packed file's)
     for q in low.values():
         assert torch.equal(q.lowrank_V, q.lowrank_V.half().float())
 
