@@ -21,6 +21,9 @@ Cells (method = how the weights are quantized, distillation = what fine-tunes th
   distillation trains in place of the cold-start LoRA:
     ptq_lrR   uniform bits + branch, no distillation   baseline_lrR  the baseline + branch
     mpqdm_lrR MPQ-DM + branch
+  TRD at another relation-loss weight (distill.py --lam L; the other TRD cells use --lam auto, the
+  official weighting, 200 here):
+    trd_lamL  TRD only at weight L                     mpqdm_lamL    MPQ-DM at weight L
 
 Learning rates: without --lr-search or --lr-mult, every distilled cell runs at the LoRA learning-rate
 multiplier that the committed search chose for it (the lowest held-out eps MSE in
@@ -56,6 +59,7 @@ files were named by seed, every seed of a sweep read the first seed's trajectori
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -77,7 +81,7 @@ QUANT = {  # quantizer variant: quantize.py flags
     "uniform": ["--method", "uniform"], "omq": ["--method", "omq"], "uniform_smooth": ["--method", "uniform", "--smooth", "search"],
     "omq_nosmooth": ["--method", "omq", "--smooth", "off"], "random": ["--method", "random"],
 }
-CELLS = {  # cell: (quantizer variant, distillation: None | "off" (MSE) | "on" (MSE + TRD))
+CELLS = {  # cell: (quantizer variant, distillation: None | "off" (MSE) | "on" (MSE + TRD) | "on:L" (TRD at --lam L))
     "fp": (None, None), "fp2": (None, None), "ptq": ("uniform", None), "baseline": ("uniform", "off"),
     "omq": ("omq", "off"), "trd": ("uniform", "on"), "mpqdm": ("omq", "on"),
     "smooth": ("uniform_smooth", "on"), "nosmooth": ("omq_nosmooth", "on"), "random": ("random", "on"),
@@ -129,7 +133,13 @@ cells = args.cells.split(",")
 
 
 def register(c):
-    """Adds a low-rank cell (ptq_lrR, baseline_lrR, mpqdm_lrR: its rank in its name) to the cells."""
+    """Adds a low-rank cell (ptq_lrR, baseline_lrR, mpqdm_lrR: its rank in its name) or a relation-weight
+    cell (trd_lamL, mpqdm_lamL: its weight in its name) to the cells."""
+    base, _, lam = c.partition("_lam")
+    if c not in CELLS and base in ("trd", "mpqdm") and re.fullmatch(r"\d+(\.\d+)?", lam) and float(lam) > 0:
+        CELLS[c] = (CELLS[base][0], f"on:{float(lam):g}")
+        NAMES[c] = f"{NAMES[base].split(' (')[0]}, relation weight {float(lam):g}"
+        return
     base, _, rank = c.partition("_lr")
     if c not in CELLS and rank.isdigit() and int(rank) > 0 and base in ("ptq", "baseline", "mpqdm"):
         variant = f"{CELLS[base][0]}_lr{int(rank)}"
@@ -221,9 +231,16 @@ def quant_path(variant, n, seed):
     return args.out / "quant" / f"w{n}a{args.abits}_{variant}_s{seed}.pt"
 
 
+def distill_flags(cell):
+    """distill.py's flags that make this cell's distillation what it is."""
+    trd, _, lam = CELLS[cell][1].partition(":")
+    return ["--trd", trd] + (["--lam", lam] if lam else [])
+
+
 def distill_path(cell, n, seed, mult, iters):
     variant, trd = CELLS[cell]
-    return args.out / "distill" / f"w{n}a{args.abits}_{variant}_{'trd' if trd == 'on' else 'mse'}_s{seed}_x{mult:g}_it{iters}.pt"
+    tag = "mse" if trd == "off" else "trd" + (f"lam{trd.partition(':')[2]}" if ":" in trd else "")
+    return args.out / "distill" / f"w{n}a{args.abits}_{variant}_{tag}_s{seed}_x{mult:g}_it{iters}.pt"
 
 
 def key(cell, n=None, seed=None, mult=None, iters=None):
@@ -247,7 +264,7 @@ def distill(job):
     if not path.exists():
         path.parent.mkdir(exist_ok=True)
         resume = ["--resume"] if path.with_name(path.name + ".state.pt").exists() else []  # a stopped sweep's last state
-        run(path.stem + "_distill", "distill.py", "--qckpt", quant_path(CELLS[cell][0], n, seed), "--trd", CELLS[cell][1],
+        run(path.stem + "_distill", "distill.py", "--qckpt", quant_path(CELLS[cell][0], n, seed), *distill_flags(cell),
             "--seed", seed, "--lr-mult", mult, "--iters", iters, "--out", path, "--force", *resume,
             "--teacher-cache", args.out / "teacher")
     return json.loads(path.with_suffix(".json").read_text())
@@ -397,6 +414,7 @@ if search:
 
 for (c, n), m in chosen.items():
     print(f"W{n}A{args.abits} {c}: LoRA lr x{m:g}, {source[c, n]}", flush=True)
+    print(f"    distill.py {' '.join(distill_flags(c))}", flush=True)
 if args.plan:
     raise SystemExit(0)
 

@@ -67,8 +67,8 @@ def test_no_committed_choice_runs_x1_with_a_note(tmp_path):
     got = plan(tmp_path, "--bits", 3, "--cells", "baseline,mpqdm", "--committed", tmp_path / "nothing")
     for c in ("baseline", "mpqdm"):
         assert got[c][0] == 1 and "official rule x1: no committed search for W3A4" in got[c][1]
-    got = plan(tmp_path, "--bits", 2, "--cells", "trd")  # the committed W2A4 search did not run this cell
-    assert got["trd"][0] == 1 and "no committed search for W2A4 trd" in got["trd"][1]
+    got = plan(tmp_path, "--bits", 2, "--cells", "mpqdm_lr8")  # the committed W2A4 search did not run this cell
+    assert got["mpqdm_lr8"][0] == 1 and "no committed search for W2A4 mpqdm_lr8" in got["mpqdm_lr8"][1]
     got = plan(tmp_path, "--bits", 2, "--cells", "mpqdm", "--lr-mult", 4)
     assert got["mpqdm"] == (4, "--lr-mult")
 
@@ -78,5 +78,17 @@ def test_lowrank_cells_carry_their_rank(tmp_path):
     got = plan(tmp_path, "--bits", 2, "--cells", "fp,ptq_lr2,baseline_lr2,mpqdm_lr8", "--lr-mult", 4)
     assert got == {"baseline_lr2": (4, "--lr-mult"), "mpqdm_lr8": (4, "--lr-mult")}  # ptq_lr2: not distilled
     for bad in ("baseline_lr0", "fp_lr2", "trd_lr2"):
+        proc = run_script("bench/reproduce.py", "--plan", "--cells", bad, "--out", tmp_path / "out", check=False)
+        assert proc.returncode == 2 and "unknown cells" in proc.stderr, bad
+
+
+def test_relation_weight_cells_pass_their_weight(tmp_path):
+    """trd_lamL, mpqdm_lamL: distill.py runs with --lam L (the plain TRD cells with the official auto weight)."""
+    out = run_script("bench/reproduce.py", "--plan", "--out", tmp_path / "out", "--bits", 2, "--lr-mult", 4,
+                     "--cells", "baseline,trd,mpqdm_lam20,trd_lam2.5").stdout
+    flags = dict(re.findall(r"^W2A4 (\w+(?:\.\d+)?): .*\n    distill\.py (.*)$", out, re.M))
+    assert flags == {"baseline": "--trd off", "trd": "--trd on", "mpqdm_lam20": "--trd on --lam 20",
+                     "trd_lam2.5": "--trd on --lam 2.5"}
+    for bad in ("baseline_lam20", "mpqdm_lam0", "mpqdm_lam-1", "trd_lamx"):
         proc = run_script("bench/reproduce.py", "--plan", "--cells", bad, "--out", tmp_path / "out", check=False)
         assert proc.returncode == 2 and "unknown cells" in proc.stderr, bad
