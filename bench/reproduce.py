@@ -28,7 +28,8 @@ Cells (method = how the weights are quantized, distillation = what fine-tunes th
 Learning rates: without --lr-search or --lr-mult, every distilled cell runs at the LoRA learning-rate
 multiplier that the committed search chose for it (the lowest held-out eps MSE in
 bench/results/w<n>a<m>_sweep.json at this number of updates), and at x1 (the official rule) where that
-file has none; each run's multiplier and its source are printed (--plan prints only them).
+file has none; each run's multiplier and its source are printed (--plan prints only them, or with
+--lr-search the grid it would search, and runs nothing).
 
 Seeds: a training seed s sets calibration (quantize.py --seed s) and distillation (distill.py --seed s,
 its LoRA init and trajectories); the eps-MSE checks use s + 10000. The evaluation images use
@@ -373,8 +374,15 @@ if search:
     if results["search"] and results.get("select_by", "both") != rule:
         parser.error(f"{results_path} holds a search selected by the {results.get('select_by', 'both')} eps MSE; "
                      f"pass --select-by {results.get('select_by', 'both')}, or use another --out")
-    results["select_by"] = rule
     grids = {cn: sorted(search) for cn in distilled}
+    if args.plan:  # a plan runs nothing: the search's grid, and how much of it --out already holds
+        for (c, n), ms in grids.items():
+            kept = sum(key(c, n, args.selection_seed, m, search_iters) in results["search"] for m in ms)
+            print(f"W{n}A{args.abits} {c}: LoRA lr searched over x{', x'.join(f'{m:g}' for m in ms)} on seed "
+                  f"{args.selection_seed} by the {rule} eps MSE (--lr-extend {args.lr_extend}); {kept} of these kept "
+                  f"in {results_path}\n    distill.py {' '.join(distill_flags(c))}", flush=True)
+        raise SystemExit(0)
+    results["select_by"] = rule
     while True:
         jobs = [(c, n, args.selection_seed, m, search_iters) for (c, n), ms in grids.items() for m in ms]
         todo = [j for j in jobs if key(*j) not in results["search"]]

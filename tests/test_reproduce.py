@@ -92,3 +92,13 @@ def test_relation_weight_cells_pass_their_weight(tmp_path):
     for bad in ("baseline_lam20", "mpqdm_lam0", "mpqdm_lam-1", "trd_lamx"):
         proc = run_script("bench/reproduce.py", "--plan", "--cells", bad, "--out", tmp_path / "out", check=False)
         assert proc.returncode == 2 and "unknown cells" in proc.stderr, bad
+
+
+def test_plan_with_a_search_runs_nothing(tmp_path):
+    """--plan --lr-search prints the grid to search instead of running the search (it once ran it whole)."""
+    out = tmp_path / "out"
+    proc = run_script("bench/reproduce.py", "--plan", "--bits", 2, "--cells", "baseline,mpqdm_lam20",
+                      "--lr-search", "2,4", "--out", out)
+    assert "W2A4 baseline: LoRA lr searched over x2, x4 on seed 99" in proc.stdout
+    assert "W2A4 mpqdm_lam20: LoRA lr searched over x2, x4" in proc.stdout and "--trd on --lam 20" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == []  # no quantized model, log or results file
