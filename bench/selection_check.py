@@ -26,6 +26,8 @@ parser.add_argument("--out", type=Path, required=True, help="a bench/reproduce.p
 parser.add_argument("--sample-seed", type=int, default=4321,
                     help="images of this check (not reproduce.py's --sample-seed, 1234, nor its + 1)")
 parser.add_argument("--num-images", type=int, default=500)
+parser.add_argument("--cells", default=None, help="only these cells' search runs, e.g. mpqdm,mpqdm_lam20 (default: all)")
+parser.add_argument("--bits", default=None, help="only these weight bit-widths' search runs, e.g. 2 (default: all)")
 parser.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each when more than 1")
 args = parser.parse_args()
 results = json.loads((args.out / "results.json").read_text())
@@ -57,8 +59,10 @@ VARIANTS = {"baseline": ("uniform", "mse"), "omq": ("omq", "mse"), "trd": ("unif
 
 def checkpoint(r):
     """The distill.py checkpoint reproduce.py wrote for a search run (its distill_path)."""
-    base, _, rank = r["cell"].partition("_lr")
+    base, _, lam = r["cell"].partition("_lam")  # a relation-weight cell: trd<lam> in the name
+    base, _, rank = base.partition("_lr")
     variant, loss = VARIANTS[base]
+    loss += f"lam{float(lam):g}" if lam else ""
     name = f"w{r['wbits']}a*_{variant}{'_lr' + rank if rank else ''}_{loss}_s{r['seed']}_x{r['lr_mult']:g}_it{r['iters']}.pt"
     return next((args.out / "distill").glob(name), None)
 
@@ -76,7 +80,9 @@ def score(item):
 
 
 fp = samples("fp")
-runs = {k.replace(" ", "_"): r for k, r in results["search"].items()}
+runs = {k.replace(" ", "_"): r for k, r in results["search"].items()
+        if (args.cells is None or r["cell"] in args.cells.split(","))
+        and (args.bits is None or str(r["wbits"]) in args.bits.split(","))}
 with ThreadPoolExecutor(args.jobs) as pool:
     scores = dict(pool.map(score, runs.items()))
 print(f"Selection seed's search runs, {args.num_images} images at sample seed {args.sample_seed} against the FP "
