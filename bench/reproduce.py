@@ -470,8 +470,10 @@ for j in dict.fromkeys(jobs):
           + (f"  (lr x{j[3]:g}: {source[j[0], j[1]]})" if (j[0], j[1]) in source else ""))
 
 # ---- 3. tables, from every run in the JSON that matches this invocation's settings
-runs = [r for r in results["runs"].values() if r["sample_seed"] in (args.sample_seed, args.sample_seed + 1)
-        and r["n_samples"] == args.num_images]
+# in training-seed order: the bootstrap draws seeds by position, so an interval must not depend on
+# the order in which the runs finished (a resumed or parallel sweep stores them in any order)
+runs = sorted((r for r in results["runs"].values() if r["sample_seed"] in (args.sample_seed, args.sample_seed + 1)
+               and r["n_samples"] == args.num_images), key=lambda r: r["train_seed"] or 0)
 main = [r for r in runs if r["iters"] in (None, args.distill_iters)]
 HEADER = ["| setting | method | bits / weight | LoRA lr × | seeds | FID | FID vs FP | eps MSE vs FP | FID vs baseline (paired per seed) "
           "| PSNR vs FP, dB | PSNR vs baseline, dB | feature distance vs FP | feature distance vs baseline |",
@@ -503,7 +505,6 @@ def paired_columns(rs, base_runs):
 def table_row(rs, base_mult):
     """One Markdown row over a cell's seeds; the FID change and the paired figures' differences are
     paired per seed with the baseline run at multiplier base_mult (same setting, same training seed)."""
-    rs = sorted(rs, key=lambda r: r["train_seed"] or 0)
     cell, n = rs[0]["cell"], rs[0]["wbits"]
     if CELLS[cell][0] and not CELLS[cell][1]:  # uniform PTQ: against the baseline at its chosen multiplier
         base_mult = chosen.get(("baseline", n), base_mult)
