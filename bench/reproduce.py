@@ -567,14 +567,13 @@ if budget and len({k[3] for k in budget}) > 1:
            "|---|---|---|---|---|---|---|---|---|"]
     for (n, cell, mult), _ in sorted({k[:3]: 1 for k in budget}.items(), key=lambda kv: (kv[0][0], list(CELLS).index(kv[0][1]), kv[0][2])):
         start = cell.replace("baseline", "ptq") if cell.startswith("baseline") else None  # its update 0
-        points = [(0, sorted((r for r in main if r["cell"] == start and r["wbits"] == n), key=lambda r: r["train_seed"]))
-                  ] if start else []
+        points = [(0, [r for r in main if r["cell"] == start and r["wbits"] == n])] if start else []
         points += [(i * 20, rs) for (m, c, mm, i), rs in sorted(budget.items()) if (m, c, mm) == (n, cell, mult)]
         seeds_at = {u: {r["train_seed"] for r in rs} for u, rs in points if rs}
         for u, rs in points:
             if not rs:
                 continue
-            psnr = [per_image(r, "psnr") for r in sorted(rs, key=lambda r: r["train_seed"])]
+            psnr = [per_image(r, "psnr") for r in rs]
             ok = all(v is not None for v in psnr)
             md.append(f"| W{n}A{args.abits} | {NAMES[cell]} | {mult:g} | {u} | {','.join(str(r['train_seed']) for r in rs)} | "
                       f"{format_interval(interval(psnr), '.2f') if ok else '-'} | {mean_std([r['fid'] for r in rs])} | "
