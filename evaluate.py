@@ -3,6 +3,7 @@ precision/recall and sFID. Every figure is reported with its sample counts, the 
 the pipeline that produced it.
 
     python evaluate.py runs/samples/samples.npz                      # embedded default vs. the real digits
+    python evaluate.py runs/samples/photo/samples.npz                # photograph model vs. real patches
     python evaluate.py samples.npz --ref VIRTUAL_imagenet256_labeled.npz --device cuda   # the papers' protocol
     python evaluate.py real_images/ --save-ref ref.npz               # a reference batch of your own (LSUN)
     python evaluate.py runs/samples/mpqdm/samples.npz --against runs/samples/fp/samples.npz   # paired fidelity
@@ -10,14 +11,18 @@ the pipeline that produced it.
 Feature networks:
   digits     the in-domain digit classifier that train.py trains and the repo ships (offline).
              Figures are labelled 'in-domain' (FID_digits etc.): never compare them with Inception FID.
+  photos     the photograph model's in-domain patch classifier (32x32 RGB; shipped, offline;
+             FID_photos etc.).
   inception  clean-fid's Inception (inception-2015-12-05.pt, the TensorFlow graph's weights), in
              --mode legacy_tensorflow (default: the TF pipeline, resizing inside the network, which
              the published LDM/ADM figures use) or clean (clean-fid's PIL bicubic resize). The
              weights are looked for in --inception (a file, or a folder; default clean-fid's cache
              /tmp) and, when absent from a folder, fetched there with clean-fid's own downloader.
-  auto       (default) digits for 8x8 images, inception otherwise.
+  auto       (default) digits for 8x8 images, photos for 32x32 RGB images, inception otherwise.
 
-References (--ref): 'digits' (the shipped real data, default), a folder of images, an .npz of uint8
+References (--ref): 'auto' (default: the embedded default's real data when the features are in-domain:
+'digits', the 1797 shipped digits; 'photos', PHOTO_REF_COUNT patches cropped from the training columns
+of the shipped photographs with a fixed seed), a folder of images, an .npz of uint8
 images (arr_0, NHWC), or a reference batch in ADM's layout: an .npz with mu/sigma (FID), optionally
 mu_s/sigma_s (sFID) and arr_0 images (precision/recall), as OpenAI's VIRTUAL_*.npz files and
 --save-ref write them.
@@ -54,8 +59,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.checkpoint import load_classifier
+from models.classifier import CLASSIFIERS
 from models.cli import add_trust_flag, check_device, check_output, exit_on_interrupt, positive_int
 from models.digits import DEFAULT_CLASSIFIER, load_digits
+from models.diffusion import to_uint8
+from models.photos import PHOTO_CLASSIFIER, load_photos, sample_patches
 from models.npz import NpzArray, npz_members, write_npz
 from models.paired import feature_distance, format_interval, interval, psnr
 from models.safe_load import UnsafeCheckpointError, allow_pickle
@@ -63,17 +71,21 @@ from models.safe_load import UnsafeCheckpointError, allow_pickle
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's weights file name
 INCEPTION_CACHE = Path("/tmp")  # the folder where clean-fid itself keeps it (Linux/macOS)
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".npy")
+PHOTO_REF_COUNT, PHOTO_REF_SEED = 2000, 4321  # the photograph model's reference patches
+IN_DOMAIN = {"digits": DEFAULT_CLASSIFIER, "photos": PHOTO_CLASSIFIER}  # in-domain network -> shipped classifier
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("samples", type=Path, help="folder of images or .npz of uint8 images (sample.py's samples.npz); "
                     "with --save-ref: the real images")
-parser.add_argument("--ref", default="digits", help="'digits', a folder, an images .npz or a reference batch .npz")
-parser.add_argument("--features", choices=["auto", "digits", "inception"], default="auto")
+parser.add_argument("--ref", default="auto",
+                    help="'auto', 'digits', 'photos', a folder, an images .npz or a reference batch .npz")
+parser.add_argument("--features", choices=["auto", "digits", "photos", "inception"], default="auto")
 parser.add_argument("--mode", choices=["legacy_tensorflow", "clean"], default="legacy_tensorflow",
                     help="Inception pipeline (clean-fid's modes); the digit network needs no resize")
 parser.add_argument("--inception", type=Path, default=INCEPTION_CACHE,
                     help=f"{INCEPTION_FILE}, or the folder that holds it (fetched there when absent)")
-parser.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER, help="in-domain feature network")
+parser.add_argument("--classifier", type=Path, default=None,
+                    help="in-domain feature network (default: the shipped one of --features)")
 parser.add_argument("--k", type=positive_int, default=3, help="neighbours for the precision/recall manifolds")
 parser.add_argument("--is-splits", type=positive_int, default=10, help="splits for the Inception Score's mean and std")
 parser.add_argument("--block", type=positive_int, default=256, help="distance-matrix rows held at once (precision/recall)")
@@ -213,11 +225,25 @@ if args.against is not None:  # the pairing is checked before any image goes thr
     elif mine != theirs:
         raise SystemExit(f"error: --against was sampled with {theirs}; the samples with {mine}: image i of one is not "
                          f"image i of the other, so they cannot be paired")
+# an embedded default's image size: its in-domain network and its real data are the defaults
+embedded = next((name for name, (_, shape) in CLASSIFIERS.items() if tuple(samples.shape[1:3]) == shape[1:]), None)
+features = args.features if args.features != "auto" else (embedded or "inception")
+ref_kind = args.ref
+if ref_kind == "auto" and args.save_ref is None:
+    if embedded is None:
+        parser.error("--ref: these images are not an embedded default's size; give the reference (a folder, an "
+                     "images .npz or a reference batch .npz)")
+    ref_kind = embedded
 ref, ref_stats, ref_meta, ref_name = None, None, None, None
 if args.save_ref is not None:
     pass
-elif args.ref == "digits":
+elif ref_kind == "digits":
     ref, ref_name = Images(load_digits()[0].permute(0, 2, 3, 1).numpy(), "reference"), "digits (1797 real images)"
+elif ref_kind == "photos":
+    photo_list, photo_meta = load_photos()
+    patches = sample_patches(photo_list, photo_meta, PHOTO_REF_COUNT, torch.Generator().manual_seed(PHOTO_REF_SEED))[0]
+    ref = Images(to_uint8(patches).numpy(), "reference")
+    ref_name = f"photos ({PHOTO_REF_COUNT} real patches of the training columns, seed {PHOTO_REF_SEED})"
 elif args.ref.endswith(".npz") and Path(args.ref).is_file() and "mu" in (members := from_npz("reference", args.ref, lambda: npz_members(args.ref))):
     if "sigma" not in members:
         raise SystemExit(f"error: reference {args.ref} has 'mu' but no 'sigma'")
@@ -237,9 +263,6 @@ if ref is not None:
         notes.append("grayscale images were converted to RGB (channel copies) to match the other set")
 
 # ---- the feature network; images reach it through clean-fid's own per-image pipeline
-features = args.features
-if features == "auto":
-    features = "digits" if samples.shape[1:3] == (8, 8) else "inception"
 
 
 def inception_weights(where):
@@ -309,30 +332,38 @@ if features == "inception":
     network = dict(feature_network="Inception", mode=args.mode, weights=INCEPTION_FILE, weights_sha256=sha)
     label = "Inception"
 else:
+    classifier = args.classifier or IN_DOMAIN[features]
     try:
-        clf = load_classifier(args.classifier).to(device)
+        clf, arch = load_classifier(classifier, with_arch=True)
+        clf = clf.to(device)
     except (FileNotFoundError, UnsafeCheckpointError) as e:
         raise SystemExit(f"error: --classifier: {e}")
     except ValueError as e:
-        raise SystemExit(f"error: --classifier {args.classifier} is not a digit classifier checkpoint ({e}); "
-                         f"train.py --net classifier writes one, the shipped one is {DEFAULT_CLASSIFIER}")
-    if samples.shape[1:3] != (8, 8):
-        raise SystemExit(f"error: the in-domain digit network takes 8x8 images, got {samples.shape[1]}x{samples.shape[2]}")
+        raise SystemExit(f"error: --classifier {classifier} is not a classifier checkpoint ({e}); "
+                         f"train.py --data {features} --net classifier writes one, the shipped one is {IN_DOMAIN[features]}")
+    if arch != features:
+        raise SystemExit(f"error: --classifier {classifier} is the {arch} network, not the {features} one")
+    channels, size = CLASSIFIERS[features][1][0], CLASSIFIERS[features][1][1:]
+    if tuple(samples.shape[1:3]) != size:
+        raise SystemExit(f"error: the in-domain {features} network takes {size[0]}x{size[1]} images, "
+                         f"got {samples.shape[1]}x{samples.shape[2]}")
 
     def extractor(x):
-        """[B, 3, 8, 8] in 0..255 -> penultimate features, class probabilities, spatial map."""
-        gray = x.mean(1, keepdim=True)
-        if not torch.equal(gray.expand_as(x), x) and not any("grayscale" in n for n in notes):
-            notes.append("RGB samples were converted to grayscale (channel mean) for the digit network")
-        logits, feats, spatial = clf(gray / 127.5 - 1, return_features=True)
+        """[B, 3, H, W] in 0..255 -> penultimate features, class probabilities, spatial map."""
+        if channels == 1:
+            gray = x.mean(1, keepdim=True)
+            if not torch.equal(gray.expand_as(x), x) and not any("grayscale" in n for n in notes):
+                notes.append("RGB samples were converted to grayscale (channel mean) for the digit network")
+            x = gray
+        logits, feats, spatial = clf(x / 127.5 - 1, return_features=True)
         # spatial features for sFID: the first 8 channels of the last conv map (8 x 4 x 4), as ADM's
         # sFID keeps the first 7 channels of Inception's mixed_6/conv
         return feats, torch.softmax(logits, 1), spatial[:, :8].flatten(1)
 
-    fn_resize = lambda a: a  # keep 8x8: no 299x299 resize for the in-domain network
-    network = dict(feature_network="digits", mode=None, weights=str(args.classifier),
-                   weights_sha256=hashlib.sha256(Path(args.classifier).read_bytes()).hexdigest())
-    label = "digits"
+    fn_resize = lambda a: a  # keep the size: no 299x299 resize for an in-domain network
+    network = dict(feature_network=features, mode=None, weights=str(classifier),
+                   weights_sha256=hashlib.sha256(Path(classifier).read_bytes()).hexdigest())
+    label = features
 
 
 def network_features(images, desc):

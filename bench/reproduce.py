@@ -6,6 +6,13 @@ grids side by side. Finished runs are kept in the JSON and skipped (delete --out
 
     python bench/reproduce.py --bits 2 --cells fp,baseline,mpqdm --jobs 2        # the README's main job
     python bench/reproduce.py --sweep --jobs 2                                    # the W2A4 seed sweep
+    python bench/reproduce.py --model photos --bits 2 --cells fp,ptq,baseline --out runs/photos   # the photograph model
+
+--model picks the embedded default: digits (checkpoints/digits_unet.pt) or photos, the latent
+diffusion model of photograph patches (checkpoints/photo_unet.pt, models/photos.py); evaluate.py
+scores each with its own in-domain network. Its committed searches live in their own folder
+(--committed default: bench/results for digits, bench/results/photos for photos), and one --out holds
+the runs of one model only.
 
 Cells (method = how the weights are quantized, distillation = what fine-tunes them):
     fp        full precision (sample seed)          fp2  full precision, sample seed + 1 (FID noise)
@@ -106,8 +113,10 @@ parser.add_argument("--lr-mult", type=float, default=None,
                     help="LoRA learning-rate multiplier of every distilled cell when there is no --lr-search (default: "
                          "per cell, the one the committed search chose, read from --committed; x1, the official rule, "
                          "where it has none)")
-parser.add_argument("--committed", type=Path, default=ROOT / "bench" / "results",
-                    help="folder of the committed sweeps, w<n>a<m>_sweep.json, whose searches give the default multipliers")
+parser.add_argument("--model", choices=["digits", "photos"], default="digits", help="which embedded default")
+parser.add_argument("--committed", type=Path, default=None,
+                    help="folder of the committed sweeps, w<n>a<m>_sweep.json, whose searches give the default multipliers "
+                         "(default: bench/results, or bench/results/photos for --model photos)")
 parser.add_argument("--plan", action="store_true", help="print every distilled cell's multiplier and its source, then stop")
 parser.add_argument("--lr-search", default=None, help="multipliers searched per cell on --selection-seed, e.g. 0.5,1,2,4")
 parser.add_argument("--lr-extend", type=int, default=0,
@@ -131,6 +140,9 @@ if args.sweep:
     for k, v in SWEEP.items():
         setattr(args, k, v)
 cells = args.cells.split(",")
+MODEL_CKPT = {"digits": "checkpoints/digits_unet.pt", "photos": "checkpoints/photo_unet.pt"}[args.model]
+if args.committed is None:
+    args.committed = ROOT / "bench" / "results" / ("photos" if args.model == "photos" else "")
 
 
 def register(c):
@@ -180,6 +192,9 @@ FORMAT = 2  # 1: one training seed, keys without seed/multiplier/iterations
 results = json.loads(results_path.read_text()) if results_path.exists() else {}
 if results.get("format") != FORMAT:
     results = dict(format=FORMAT, runs={}, search={})
+if results.setdefault("model", "digits" if results["runs"] or results["search"] else args.model) != args.model:
+    parser.error(f"{results_path} holds runs of the {results['model']} model; pass --model {results['model']}, or use "
+                 f"another --out")
 for r in list(results["runs"].values()) + list(results["search"].values()):  # the tables show every run kept
     register(r["cell"])
 if any("_lr" in c for c in CELLS):  # one branch init per --out: the cells' names do not carry it
@@ -255,7 +270,7 @@ def quantize(job):
     path = quant_path(variant, n, seed)
     if not path.exists():
         path.parent.mkdir(exist_ok=True)
-        run(path.stem + "_quantize", "quantize.py", "--wbits", n, "--abits", args.abits, *QUANT[variant], "--seed", seed,
+        run(path.stem + "_quantize", "quantize.py", "--ckpt", MODEL_CKPT, "--wbits", n, "--abits", args.abits, *QUANT[variant], "--seed", seed,
             "--out", path, "--force")
 
 
@@ -292,7 +307,7 @@ def sample_and_score(job):
     tag = key(*job).replace(" ", "_")
     samples = args.out / "samples" / tag
     sample_seed = args.sample_seed + 1 if cell == "fp2" else args.sample_seed
-    times = {"sample": run(tag + "_sample", "sample.py", *(["--ckpt", ckpt] if ckpt else []), "--num-images",
+    times = {"sample": run(tag + "_sample", "sample.py", "--ckpt", ckpt or MODEL_CKPT, "--num-images",
                            args.num_images, "--seed", sample_seed, "--no-png", "--out", samples, "--force")}
     times["evaluate"] = run(tag + "_evaluate", "evaluate.py", samples / "samples.npz")
     metrics = json.loads((samples / "samples.eval.json").read_text())
@@ -316,7 +331,7 @@ def sample_and_score(job):
             eps_mse, stage_seconds["distill"] = d["eps_mse_after"], d["seconds"]
             paired["eps_mse_guided"] = d.get("eps_mse_after_guided")
     return dict(cell=cell, wbits=n, abits=args.abits if variant else None, train_seed=seed, lr_mult=mult, iters=iters,
-                updates=iters * 20 if trd else None, sample_seed=sample_seed, checkpoint=str(ckpt or "checkpoints/digits_unet.pt"),
+                updates=iters * 20 if trd else None, sample_seed=sample_seed, checkpoint=str(ckpt or MODEL_CKPT),
                 n_samples=metrics["n_samples"], fid=metrics["fid"], fid_vs_fp=fid_vs_fp, eps_mse=eps_mse, sfid=metrics["sfid"],
                 IS=metrics["is"], precision=metrics["precision"], recall=metrics["recall"],
                 feature_network=metrics["feature_network"], seconds={**stage_seconds, **times}, **paired)

@@ -4,7 +4,10 @@ This file only reads and writes them; the models are built by models.ldm and mod
 
 Formats and versions:
   mpq-dm/fp-model          1  a full-precision DiffusionModel (config + state_dict)
-  mpq-dm/digit-classifier  1  evaluate.py's in-domain feature network
+  mpq-dm/digit-classifier  2  evaluate.py's in-domain feature network; `arch` names the network
+                              ('digits' or 'photos', models.classifier.CLASSIFIERS). Version 1 (no
+                              arch) is a digits one: it loads.
+  mpq-dm/autoencoder       1  the photograph model's KL autoencoder (config + state_dict)
   mpq-dm/quantized         2  quantize.py / distill.py: the FP model (embedded, or path + sha256), the
                               quantized UNet's state_dict and the settings. Version 1 has the same
                               tensors and settings (and a `modes` table, unused): it loads.
@@ -18,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from models.classifier import DigitClassifier
+from models.autoencoder import AutoencoderKL
+from models.classifier import CLASSIFIERS
 from models.ldm import LDM_CONFIGS, UNET_PREFIX, DiffusionModel, guess_ldm_config, load_ldm
 from models.pack import fp32_bytes, pack_model, unpack_model
 from models.qmodel import build_quant_model
@@ -29,8 +33,10 @@ FP_FORMAT = "mpq-dm/fp-model"
 CLASSIFIER_FORMAT = "mpq-dm/digit-classifier"
 QUANT_FORMAT = "mpq-dm/quantized"
 PACKED_FORMAT = "mpq-dm/packed"
-VERSIONS = {FP_FORMAT: 1, CLASSIFIER_FORMAT: 1, QUANT_FORMAT: 2, PACKED_FORMAT: 2}  # what this code writes
-OLDEST_READ = {FP_FORMAT: 1, CLASSIFIER_FORMAT: 1, QUANT_FORMAT: 1, PACKED_FORMAT: 2}
+AUTOENCODER_FORMAT = "mpq-dm/autoencoder"
+VERSIONS = {FP_FORMAT: 1, CLASSIFIER_FORMAT: 2, QUANT_FORMAT: 2, PACKED_FORMAT: 2,
+            AUTOENCODER_FORMAT: 1}  # what this code writes
+OLDEST_READ = {FP_FORMAT: 1, CLASSIFIER_FORMAT: 1, QUANT_FORMAT: 1, PACKED_FORMAT: 2, AUTOENCODER_FORMAT: 1}
 EMBED_FP_MAX_BYTES = 64 << 20  # larger FP models are referenced by path + sha256 instead of copied
 
 
@@ -224,15 +230,35 @@ def load_sampling_model(path, config=None):
     return load_fp_model(path, config, ckpt), "full precision"
 
 
-# ---- the digit classifier (evaluate.py's in-domain feature network)
-def classifier_checkpoint(model, **extra):
-    return dict(format=CLASSIFIER_FORMAT, version=VERSIONS[CLASSIFIER_FORMAT], state_dict=model.state_dict(), **extra)
+# ---- the in-domain classifiers (evaluate.py's feature networks)
+def classifier_checkpoint(model, arch, **extra):
+    return dict(format=CLASSIFIER_FORMAT, version=VERSIONS[CLASSIFIER_FORMAT], arch=arch,
+                state_dict=model.state_dict(), **extra)
 
 
-def load_classifier(path):
-    """The DigitClassifier of a train.py --net classifier checkpoint."""
+def load_classifier(path, with_arch=False):
+    """The classifier of a train.py --net classifier checkpoint (and its arch name, 'digits' or
+    'photos', when with_arch)."""
     ckpt = load_file(path)
     check_format(ckpt, path, CLASSIFIER_FORMAT, "rerun train.py --net classifier")
-    model = DigitClassifier()
+    arch = ckpt.get("arch", "digits")  # version 1 files are digit classifiers
+    if arch not in CLASSIFIERS:
+        raise ValueError(f"{path}: unknown classifier arch {arch!r} (this code knows {sorted(CLASSIFIERS)})")
+    model = CLASSIFIERS[arch][0]()
     model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
+    return (model.eval(), arch) if with_arch else model.eval()
+
+
+# ---- the photograph model's autoencoder (train.py --net autoencoder)
+def autoencoder_checkpoint(model, config, **extra):
+    return dict(format=AUTOENCODER_FORMAT, version=VERSIONS[AUTOENCODER_FORMAT], config=config,
+                state_dict=model.state_dict(), **extra)
+
+
+def load_autoencoder(path):
+    """(AutoencoderKL, its config) from a train.py --net autoencoder checkpoint."""
+    ckpt = load_file(path)
+    check_format(ckpt, path, AUTOENCODER_FORMAT, "rerun train.py --net autoencoder")
+    model = AutoencoderKL(**ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt["config"]

@@ -102,3 +102,16 @@ def test_plan_with_a_search_runs_nothing(tmp_path):
     assert "W2A4 baseline: LoRA lr searched over x2, x4 on seed 99" in proc.stdout
     assert "W2A4 mpqdm_lam20: LoRA lr searched over x2, x4" in proc.stdout and "--trd on --lam 20" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == []  # no quantized model, log or results file
+
+
+def test_photo_model_reads_its_own_searches_and_never_shares_an_out_with_digits(tmp_path):
+    """--model photos: the committed digits searches are not the photo model's (x1 with a note until its
+    own folder holds one), and an --out holding one model's runs refuses the other model."""
+    got = plan(tmp_path, "--model", "photos", "--bits", 2, "--cells", "baseline,mpqdm")
+    for c in ("baseline", "mpqdm"):
+        assert got[c][0] == 1 and "no committed search for W2A4" in got[c][1]
+    out = tmp_path / "digits_out"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps(dict(format=2, runs={"fp": dict(cell="fp")}, search={})))
+    proc = run_script("bench/reproduce.py", "--plan", "--model", "photos", "--cells", "fp", "--out", out, check=False)
+    assert proc.returncode == 2 and "holds runs of the digits model" in proc.stderr
