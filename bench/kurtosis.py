@@ -3,10 +3,9 @@ layers quantize.py puts at low bits (its default layer policy: models/qmodel.py)
 quantize.py reports, the share of those layers whose OMQ search chose a mixed split (some channels at
 n+1 and n-1 bits) over uniform bits. A Gaussian's kurtosis is 3; outlier-heavy channels score high.
 
-    python quantize.py --wbits 2 --out runs/kurt/digits_w2.pt                                 # (and --wbits 4)
-    python quantize.py --ckpt checkpoints/photo_unet.pt --wbits 2 --out runs/kurt/photos_w2.pt  # (and --wbits 4)
-    python bench/kurtosis.py --report digits=runs/kurt/digits_w2.json --report digits=runs/kurt/digits_w4.json \\
-        --report photos=runs/kurt/photos_w2.json --report photos=runs/kurt/photos_w4.json
+    python quantize.py --wbits 2 --out runs/kurt/digits_w2.pt
+    python quantize.py --ckpt checkpoints/photo_unet.pt --wbits 2 --out runs/kurt/photos_w2.pt
+    python bench/kurtosis.py --report digits=runs/kurt/digits_w2.json --report photos=runs/kurt/photos_w2.json
 """
 import argparse
 import json

@@ -20,11 +20,11 @@ from tests.conftest import QUICK, run_script
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "ldm"
 HELD_OUT = torch.Generator  # held-out patches are drawn from Generator(1234), as train.py draws them
 
-# Quality floors of the shipped files, measured on the held-out columns (train.py prints them; the
-# figures are in docs/photos.md). A broken load, a key mapping that drops a layer or a data change
+# Quality floors of the shipped files on the held-out columns (train.py prints the measured figures;
+# docs/photos.md has them). A broken load, a key mapping that drops a layer or a data change
 # falls far below them; float rounding across CPUs moves them by far less than their margins.
 AUTOENCODER_PSNR_FLOOR = 28.0  # dB; the shipped file measured 30.24 on 1,000 held-out patches
-CLASSIFIER_ACCURACY_FLOOR = 0.7
+CLASSIFIER_ACCURACY_FLOOR = 0.7  # the shipped file measured 0.812 on 1,000 held-out patches
 
 
 def synthetic_photos():
