@@ -339,7 +339,7 @@ else:
     except (FileNotFoundError, UnsafeCheckpointError) as e:
         raise SystemExit(f"error: --classifier: {e}")
     except ValueError as e:
-        raise SystemExit(f"error: --classifier {classifier} is not a classifier checkpoint ({e}); "
+        raise SystemExit(f"error: --classifier {classifier} is not a {features.rstrip('s')} classifier checkpoint ({e}); "
                          f"train.py --data {features} --net classifier writes one, the shipped one is {IN_DOMAIN[features]}")
     if arch != features:
         raise SystemExit(f"error: --classifier {classifier} is the {arch} network, not the {features} one")
