@@ -22,6 +22,7 @@ change only when asked:
 """
 import argparse
 import copy
+import math
 import time
 from pathlib import Path
 
@@ -162,7 +163,6 @@ else:
 trained = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(trained, lr=lr, weight_decay=1e-4 if args.net == "classifier" else 0.0)
 if is_ae:  # warm-up, then a cosine decay to a tenth: the reconstruction keeps improving to the end
-    import math
     schedule = lambda s: min(1.0, (s + 1) / 200) * (0.55 + 0.45 * math.cos(math.pi * min(s, steps) / steps))
 else:
     schedule = lambda s: min(1.0, (s + 1) / 200)  # short warm-up

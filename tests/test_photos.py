@@ -18,7 +18,7 @@ from models.qmodel import layer_mode
 from tests.conftest import QUICK, run_script
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "ldm"
-HELD_OUT = torch.Generator  # held-out patches are drawn from Generator(1234), as train.py draws them
+HELD_OUT_SEED = 1234  # train.py draws its held-out patches from this seed
 
 # Quality floors of the shipped files on the held-out columns (train.py prints the measured figures;
 # docs/photos.md has them). A broken load, a key mapping that drops a layer or a data change
@@ -79,7 +79,7 @@ def test_autoencoder_has_the_official_names_and_shapes():
 def test_shipped_autoencoder_reconstructs_held_out_patches():
     ae, config = load_autoencoder(PHOTO_AUTOENCODER)
     photos, meta = load_photos()
-    x, _ = sample_patches(photos, meta, 300, HELD_OUT().manual_seed(1234), region="heldout")
+    x, _ = sample_patches(photos, meta, 300, torch.Generator().manual_seed(HELD_OUT_SEED), region="heldout")
     with torch.no_grad():
         mean, std = ae.encode(x)
         recon = ae.decode(mean)
@@ -137,7 +137,7 @@ def test_shipped_photo_classifier_recognises_held_out_patches():
     clf, arch = load_classifier(PHOTO_CLASSIFIER, with_arch=True)
     assert arch == "photos"
     photos, meta = load_photos()
-    x, y = sample_patches(photos, meta, 500, HELD_OUT().manual_seed(1234), region="heldout")
+    x, y = sample_patches(photos, meta, 500, torch.Generator().manual_seed(HELD_OUT_SEED), region="heldout")
     with torch.no_grad():
         acc = (clf(x).argmax(1) == y).float().mean().item()
     assert acc >= CLASSIFIER_ACCURACY_FLOOR, acc
