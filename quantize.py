@@ -19,146 +19,152 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models.allocate import calibrate_layer
+from models.core.allocate import calibrate_layer
 from models.calibration import calibration_groups, layer_inputs, unet_inputs_per_step
 from models.cli import (add_trust_flag, check_device, check_finite, check_output, check_steps, exit_on_interrupt,
                         finite_float, nonneg_float, positive_float, positive_int)
-from models.checkpoint import fp_reference, load_fp_model, quant_checkpoint, save_with_report, write_packed
+from models.checkpoint import fp_reference, load_fp_model, quant_checkpoint, write_packed
+from models.files import save_with_report
 from models.diffusion import DDIM
-from models.lowrank import bits_per_weight
+from models.core.lowrank import bits_per_weight
 from models.digits import DEFAULT_CHECKPOINT
 from models.qmodel import build_quant_model
-from models.quant import quant_layers, refresh_weights
+from models.core.quant import quant_layers, refresh_weights
 from models.safe_load import allow_pickle
 from models.seeds import HELD_OUT_SEED_OFFSET
 from models.trajectory import eps_mse
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--ckpt", type=Path, default=DEFAULT_CHECKPOINT, help="full-precision model (default: digits)")
-parser.add_argument("--config", default=None, help="official LDM checkpoints: name or YAML (guessed if omitted)")
-parser.add_argument("--wbits", type=int, default=2, help="target weight bits n, 2..8 (OMQ uses n-1, n, n+1)")
-parser.add_argument("--abits", type=int, default=4, help="activation bits, 2..8")
-parser.add_argument("--method", default="omq",
-                    help="omq (mixed precision by kurtosis), uniform (baseline), or random (control: OMQ's numbers of "
-                         "n+1/n-1 channels per layer, on channels drawn at random)")
-parser.add_argument("--smooth", choices=["search", "on", "off"], default=None,
-                    help="per-input-channel smoothing s = sqrt(max|x| / max|W|): on, off, or search (per layer, "
-                         "kept where it lowers the layer's output error). Default: search for omq and random, off for uniform")
-parser.add_argument("--group-frac", type=positive_float, default=0.1,
-                    help="OMQ split search step, fraction of channels (0 < f <= 0.5)")
-parser.add_argument("--quantize-all", action="store_true", help="also quantize skip-connection/downsample convs")
-parser.add_argument("--quantize-conv1d", action="store_true",
-                    help="also quantize the Conv1d qkv/proj_out of LSUN attention blocks (the official code does not)")
-parser.add_argument("--lowrank", type=int, default=0, help="rank R of a float branch beside every low-bit layer (0: none)")
-parser.add_argument("--lowrank-init", choices=["svd", "loftq"], default="loftq",
-                    help="svd: the branch is the smoothed weight's top R singular directions; loftq: then --lowrank-rounds "
-                         "rounds of refitting it to the residual's quantization error (each kept only if it helps)")
-parser.add_argument("--lowrank-rounds", type=positive_int, default=5, help="LoftQ rounds (--lowrank-init loftq)")
-parser.add_argument("--steps", type=positive_int, default=20, help="DDIM steps the quantized model will sample with")
-parser.add_argument("--eta", type=nonneg_float, default=0.0)
-parser.add_argument("--guidance", type=finite_float, default=2.0, help="classifier-free guidance of the trajectories")
-parser.add_argument("--calib-samples", type=positive_int, default=128, help="calibration trajectories")
-parser.add_argument("--calib-keep", type=positive_int, default=32, help="UNet inputs per step used to calibrate layers")
-parser.add_argument("--calib-mem-gb", type=positive_float, default=4.0, help="activation memory held while calibrating")
-parser.add_argument("--eval-samples", type=positive_int, default=64, help="held-out trajectories for the eps-MSE check")
-parser.add_argument("--batch-size", type=positive_int, default=64)
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--pack", action="store_true", help="also write <out>.packed.pt: weights bit-packed at their bit-widths")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-parser.add_argument("--out", type=Path, default=None, help="default runs/quant/w<n>a<m>_<method>.pt")
-parser.add_argument("--force", action="store_true", help="replace --out (and its .json) if it exists")
-add_trust_flag(parser)
-args = parser.parse_args()
-allow_pickle(args.trust_checkpoint)
-if args.method not in ("omq", "uniform", "random"):
-    parser.error(f"unknown --method {args.method!r}: use omq, uniform or random")
-if not 2 <= args.wbits <= 8:
-    parser.error(f"--wbits must be 2..8 (OMQ gives some channels n-1 bits, so n = 1 would leave 0 bits), got {args.wbits}")
-if not 2 <= args.abits <= 8:
-    parser.error(f"--abits must be 2..8, got {args.abits}")
-if args.lowrank < 0:
-    parser.error(f"--lowrank must be 0 (no branch) or a rank, got {args.lowrank}")
-if args.group_frac > 0.5:
-    parser.error(f"--group-frac must be in (0, 0.5] (n+1 and n-1 channels come in pairs), got {args.group_frac}")
-check_steps(parser, args.steps)
-device = check_device(parser, args.device)
-smooth = args.smooth or ("off" if args.method == "uniform" else "search")
-smooth_alphas = {"on": (0.5,), "off": (0.0,), "search": (0.0, 0.5)}[smooth]
-out_path = check_output(parser, args.out or Path("runs/quant") / f"w{args.wbits}a{args.abits}_{args.method}.pt",
-                        inputs=[args.ckpt], force=args.force)
-exit_on_interrupt("quantize.py")
-torch.manual_seed(args.seed)
-t_start = time.time()
 
-# ---- load the full-precision model
-try:
-    model = load_fp_model(args.ckpt, args.config).to(device)
-    check_steps(parser, args.steps, model.config["schedule"]["timesteps"])
-except (FileNotFoundError, ValueError) as e:
-    parser.error(str(e))
-ddim = DDIM(model.alphas_cumprod, steps=args.steps, eta=args.eta)
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=Path, default=DEFAULT_CHECKPOINT, help="full-precision model (default: digits)")
+    parser.add_argument("--config", default=None, help="official LDM checkpoints: name or YAML (guessed if omitted)")
+    parser.add_argument("--wbits", type=int, default=2, help="target weight bits n, 2..8 (OMQ uses n-1, n, n+1)")
+    parser.add_argument("--abits", type=int, default=4, help="activation bits, 2..8")
+    parser.add_argument("--method", default="omq",
+                        help="omq (mixed precision by kurtosis), uniform (baseline), or random (control: OMQ's numbers of "
+                             "n+1/n-1 channels per layer, on channels drawn at random)")
+    parser.add_argument("--smooth", choices=["search", "on", "off"], default=None,
+                        help="per-input-channel smoothing s = sqrt(max|x| / max|W|): on, off, or search (per layer, "
+                             "kept where it lowers the layer's output error). Default: search for omq and random, off for uniform")
+    parser.add_argument("--group-frac", type=positive_float, default=0.1,
+                        help="OMQ split search step, fraction of channels (0 < f <= 0.5)")
+    parser.add_argument("--quantize-all", action="store_true", help="also quantize skip-connection/downsample convs")
+    parser.add_argument("--quantize-conv1d", action="store_true",
+                        help="also quantize the Conv1d qkv/proj_out of LSUN attention blocks (the official code does not)")
+    parser.add_argument("--lowrank", type=int, default=0, help="rank R of a float branch beside every low-bit layer (0: none)")
+    parser.add_argument("--lowrank-init", choices=["svd", "loftq"], default="loftq",
+                        help="svd: the branch is the smoothed weight's top R singular directions; loftq: then --lowrank-rounds "
+                             "rounds of refitting it to the residual's quantization error (each kept only if it helps)")
+    parser.add_argument("--lowrank-rounds", type=positive_int, default=5, help="LoftQ rounds (--lowrank-init loftq)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="DDIM steps the quantized model will sample with")
+    parser.add_argument("--eta", type=nonneg_float, default=0.0)
+    parser.add_argument("--guidance", type=finite_float, default=2.0, help="classifier-free guidance of the trajectories")
+    parser.add_argument("--calib-samples", type=positive_int, default=128, help="calibration trajectories")
+    parser.add_argument("--calib-keep", type=positive_int, default=32, help="UNet inputs per step used to calibrate layers")
+    parser.add_argument("--calib-mem-gb", type=positive_float, default=4.0, help="activation memory held while calibrating")
+    parser.add_argument("--eval-samples", type=positive_int, default=64, help="held-out trajectories for the eps-MSE check")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pack", action="store_true", help="also write <out>.packed.pt: weights bit-packed at their bit-widths")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=None, help="default runs/quant/w<n>a<m>_<method>.pt")
+    parser.add_argument("--force", action="store_true", help="replace --out (and its .json) if it exists")
+    add_trust_flag(parser)
+    args = parser.parse_args(argv)
+    allow_pickle(args.trust_checkpoint)
+    if args.method not in ("omq", "uniform", "random"):
+        parser.error(f"unknown --method {args.method!r}: use omq, uniform or random")
+    if not 2 <= args.wbits <= 8:
+        parser.error(f"--wbits must be 2..8 (OMQ gives some channels n-1 bits, so n = 1 would leave 0 bits), got {args.wbits}")
+    if not 2 <= args.abits <= 8:
+        parser.error(f"--abits must be 2..8, got {args.abits}")
+    if args.lowrank < 0:
+        parser.error(f"--lowrank must be 0 (no branch) or a rank, got {args.lowrank}")
+    if args.group_frac > 0.5:
+        parser.error(f"--group-frac must be in (0, 0.5] (n+1 and n-1 channels come in pairs), got {args.group_frac}")
+    check_steps(parser, args.steps)
+    device = check_device(parser, args.device)
+    smooth = args.smooth or ("off" if args.method == "uniform" else "search")
+    smooth_alphas = {"on": (0.5,), "off": (0.0,), "search": (0.0, 0.5)}[smooth]
+    out_path = check_output(parser, args.out or Path("runs/quant") / f"w{args.wbits}a{args.abits}_{args.method}.pt",
+                            inputs=[args.ckpt], force=args.force)
+    exit_on_interrupt("quantize.py")
+    torch.manual_seed(args.seed)
+    t_start = time.time()
+
+    # ---- load the full-precision model
+    try:
+        model = load_fp_model(args.ckpt, args.config).to(device)
+        check_steps(parser, args.steps, model.config["schedule"]["timesteps"])
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    ddim = DDIM(model.alphas_cumprod, steps=args.steps, eta=args.eta)
+
+    # ---- 1. calibration data: UNet inputs of every step, --calib-keep of them per step
+    bar = tqdm(total=args.calib_samples * ddim.steps, desc="calibration trajectories")
+    calib = unet_inputs_per_step(model, ddim, args.calib_samples, args.calib_keep, args.batch_size, args.seed,
+                                 args.guidance, device, progress=bar.update)
+    bar.close()
+
+    # ---- 2. the quantized model, each layer calibrated on its full-precision inputs
+    settings = dict(wbits=args.wbits, abits=args.abits, steps=args.steps, eta=args.eta, quantize_all=args.quantize_all,
+                    quantize_conv1d=args.quantize_conv1d, method=args.method, smooth=smooth, group_frac=args.group_frac,
+                    guidance=args.guidance, calib_samples=args.calib_samples, calib_keep=args.calib_keep, seed=args.seed)
+    if args.lowrank:  # only then: a checkpoint without a branch keeps today's settings
+        settings.update(lowrank=args.lowrank, lowrank_init=args.lowrank_init, lowrank_rounds=args.lowrank_rounds)
+    lowrank = (args.lowrank, args.lowrank_init, args.lowrank_rounds) if args.lowrank else None
+    qmodel = build_quant_model(model, settings)
+    qlayers = quant_layers(qmodel.unet)
+    report = {}
+    random_channels = torch.Generator().manual_seed(args.seed)  # --method random: its draws, layer after layer
+    groups = calibration_groups(model, calib, list(qlayers), args.calib_mem_gb * 2 ** 30, device)
+    print(f"recording the layers' inputs in {len(groups)} group{'s' * (len(groups) > 1)} within --calib-mem-gb {args.calib_mem_gb:g}")
+    bar = tqdm(total=len(qlayers), desc=f"calibrate ({args.method}, W{args.wbits}A{args.abits})")
+    for name, inputs in layer_inputs(model, calib, groups, device):
+        t_layer = time.time()
+        report[name] = calibrate_layer(qlayers[name], inputs, args.method, smooth_alphas, args.group_frac, random_channels,
+                                       lowrank)
+        report[name]["seconds"] = time.time() - t_layer
+        del inputs
+        bar.update()
+    bar.close()
+    refresh_weights(qmodel.unet)
+
+    # ---- 3. check: one-step eps MSE against FP on held-out trajectories (another seed)
+    mse = eps_mse(model, qmodel, ddim, args.eval_samples, args.batch_size, args.seed + HELD_OUT_SEED_OFFSET, args.guidance,
+                  device)
+    check_finite("the quantized model's eps MSE", torch.tensor(mse))
+
+    # ---- report and save
+    print(f"{'layer':48s} {'mode':5s} {'bits':>5s} {'+1/-1':>9s} {'smooth':>6s} {'kurtosis':>15s} {'mse uniform':>12s} "
+          f"{'mse chosen':>12s}")
+    for n, r in report.items():
+        if r["mode"] == "fp":
+            print(f"{n:48s} fp")
+            continue
+        split = f"{r['high']}/{r['low']}" if r["mode"] == "quant" else "-"
+        print(f"{n:48s} {r['mode']:5s} {r['mean_bits']:5.2f} {split:>9s} {'yes' if r['smooth_alpha'] else 'no':>6s} "
+              f"{r['kurtosis_min']:7.2f}-{r['kurtosis_max']:<7.2f} "
+              f"{r['mse_uniform']:12.4e} {r['mse_chosen']:12.4e}")
+    mixed = [r for r in report.values() if r["mode"] == "quant"]
+    print(f"{len(mixed)} layers at W{args.wbits}A{args.abits} ({sum(r['high'] > 0 for r in mixed)} mixed, "
+          f"{sum(r['smooth_alpha'] > 0 for r in mixed)} smoothed), "
+          f"{sum(r['mode'] == 'w8a8' for r in report.values())} at W8A8, {sum(r['mode'] == 'fp' for r in report.values())} in FP")
+    bpw = bits_per_weight(qlayers)
+    print(f"low-bit layers: {bpw:.3f} bits per weight" + (f", the float16 rank-{args.lowrank} branch included" if args.lowrank else ""))
+    print(f"eps MSE vs FP over {ddim.steps} steps on {args.eval_samples} held-out trajectories: {mse:.5f}")
+    elapsed = time.time() - t_start
+    ckpt = quant_checkpoint(qmodel.cpu(), fp_reference(model.cpu(), args.ckpt, args.config), report=report, eps_mse=mse,
+                            source=str(args.ckpt))
+    json_path = out_path.with_suffix(".json")
+    save_with_report(ckpt, out_path, dict(settings=settings, eps_mse=mse, bits_per_weight=bpw, seconds=elapsed, layers=report))
+    if args.pack:
+        write_packed(qmodel, out_path.with_suffix(".packed.pt"))
+    print(f"wrote {out_path} and {json_path} in {elapsed:.0f} s")
+    if device.type == "cuda":
+        print(f"peak CUDA memory allocated: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
 
 
-# ---- 1. calibration data: UNet inputs of every step, --calib-keep of them per step
-bar = tqdm(total=args.calib_samples * ddim.steps, desc="calibration trajectories")
-calib = unet_inputs_per_step(model, ddim, args.calib_samples, args.calib_keep, args.batch_size, args.seed,
-                             args.guidance, device, progress=bar.update)
-bar.close()
-
-# ---- 2. the quantized model, each layer calibrated on its full-precision inputs
-settings = dict(wbits=args.wbits, abits=args.abits, steps=args.steps, eta=args.eta, quantize_all=args.quantize_all,
-                quantize_conv1d=args.quantize_conv1d, method=args.method, smooth=smooth, group_frac=args.group_frac,
-                guidance=args.guidance, calib_samples=args.calib_samples, calib_keep=args.calib_keep, seed=args.seed)
-if args.lowrank:  # only then: a checkpoint without a branch keeps today's settings
-    settings.update(lowrank=args.lowrank, lowrank_init=args.lowrank_init, lowrank_rounds=args.lowrank_rounds)
-lowrank = (args.lowrank, args.lowrank_init, args.lowrank_rounds) if args.lowrank else None
-qmodel = build_quant_model(model, settings)
-qlayers = quant_layers(qmodel.unet)
-report = {}
-random_channels = torch.Generator().manual_seed(args.seed)  # --method random: its draws, layer after layer
-groups = calibration_groups(model, calib, list(qlayers), args.calib_mem_gb * 2 ** 30, device)
-print(f"recording the layers' inputs in {len(groups)} group{'s' * (len(groups) > 1)} within --calib-mem-gb {args.calib_mem_gb:g}")
-bar = tqdm(total=len(qlayers), desc=f"calibrate ({args.method}, W{args.wbits}A{args.abits})")
-for name, inputs in layer_inputs(model, calib, groups, device):
-    t_layer = time.time()
-    report[name] = calibrate_layer(qlayers[name], inputs, args.method, smooth_alphas, args.group_frac, random_channels,
-                                   lowrank)
-    report[name]["seconds"] = time.time() - t_layer
-    del inputs
-    bar.update()
-bar.close()
-refresh_weights(qmodel.unet)
-
-# ---- 3. check: one-step eps MSE against FP on held-out trajectories (another seed)
-mse = eps_mse(model, qmodel, ddim, args.eval_samples, args.batch_size, args.seed + HELD_OUT_SEED_OFFSET, args.guidance,
-              device)
-check_finite("the quantized model's eps MSE", torch.tensor(mse))
-
-# ---- report and save
-print(f"{'layer':48s} {'mode':5s} {'bits':>5s} {'+1/-1':>9s} {'smooth':>6s} {'kurtosis':>15s} {'mse uniform':>12s} "
-      f"{'mse chosen':>12s}")
-for n, r in report.items():
-    if r["mode"] == "fp":
-        print(f"{n:48s} fp")
-        continue
-    split = f"{r['high']}/{r['low']}" if r["mode"] == "quant" else "-"
-    print(f"{n:48s} {r['mode']:5s} {r['mean_bits']:5.2f} {split:>9s} {'yes' if r['smooth_alpha'] else 'no':>6s} "
-          f"{r['kurtosis_min']:7.2f}-{r['kurtosis_max']:<7.2f} "
-          f"{r['mse_uniform']:12.4e} {r['mse_chosen']:12.4e}")
-mixed = [r for r in report.values() if r["mode"] == "quant"]
-print(f"{len(mixed)} layers at W{args.wbits}A{args.abits} ({sum(r['high'] > 0 for r in mixed)} mixed, "
-      f"{sum(r['smooth_alpha'] > 0 for r in mixed)} smoothed), "
-      f"{sum(r['mode'] == 'w8a8' for r in report.values())} at W8A8, {sum(r['mode'] == 'fp' for r in report.values())} in FP")
-bpw = bits_per_weight(qlayers)
-print(f"low-bit layers: {bpw:.3f} bits per weight" + (f", the float16 rank-{args.lowrank} branch included" if args.lowrank else ""))
-print(f"eps MSE vs FP over {ddim.steps} steps on {args.eval_samples} held-out trajectories: {mse:.5f}")
-elapsed = time.time() - t_start
-ckpt = quant_checkpoint(qmodel.cpu(), fp_reference(model.cpu(), args.ckpt, args.config), report=report, eps_mse=mse,
-                        source=str(args.ckpt))
-json_path = out_path.with_suffix(".json")
-save_with_report(ckpt, out_path, dict(settings=settings, eps_mse=mse, bits_per_weight=bpw, seconds=elapsed, layers=report))
-if args.pack:
-    write_packed(qmodel, out_path.with_suffix(".packed.pt"))
-print(f"wrote {out_path} and {json_path} in {elapsed:.0f} s")
-if device.type == "cuda":
-    print(f"peak CUDA memory allocated: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
+if __name__ == "__main__":
+    main()

@@ -17,31 +17,37 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from models.digits import DIGITS_CONFIG  # noqa: E402
 from models.ldm import LDM_CONFIGS, DiffusionModel  # noqa: E402
-from models.lowrank import bits_per_weight  # noqa: E402
+from models.core.lowrank import bits_per_weight  # noqa: E402
 from models.qmodel import build_quant_model  # noqa: E402
-from models.quant import quant_layers  # noqa: E402
+from models.core.quant import quant_layers  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--models", default="digits," + ",".join(LDM_CONFIGS))
-parser.add_argument("--ranks", default="0,1,2,4,8,32")
-parser.add_argument("--wbits", default="2")
-args = parser.parse_args()
-ranks = [int(r) for r in args.ranks.split(",")]
 
-print("| model | low-bit layers | their weights | smallest min(out, fan_in) | W | "
-      + " | ".join(f"R = {r}" for r in ranks) + " |")
-print("|---|---|---|---|---|" + "---|" * len(ranks))
-for name in args.models.split(","):
-    config = DIGITS_CONFIG if name == "digits" else LDM_CONFIGS[name]
-    with torch.device("meta"):
-        fp = DiffusionModel(config)
-    for n in [int(b) for b in args.wbits.split(",")]:
-        row = []
-        for r in ranks:
-            with torch.device("meta"):
-                q = build_quant_model(fp, dict(wbits=n, abits=4, steps=20, quantize_all=False, lowrank=r))
-            layers = {k: m for k, m in quant_layers(q.unet).items() if m.mode == "quant"}
-            row.append(f"{bits_per_weight(layers):.2f}")
-        shapes = [(m.layer.weight.shape[0], m.layer.weight[0].numel()) for m in layers.values()]
-        print(f"| {name} | {len(layers)} | {sum(o * f for o, f in shapes) / 1e6:.2f} M | {min(min(s) for s in shapes)} | "
-              f"{n} | " + " | ".join(row) + " |")
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="digits," + ",".join(LDM_CONFIGS))
+    parser.add_argument("--ranks", default="0,1,2,4,8,32")
+    parser.add_argument("--wbits", default="2")
+    args = parser.parse_args(argv)
+    ranks = [int(r) for r in args.ranks.split(",")]
+
+    print("| model | low-bit layers | their weights | smallest min(out, fan_in) | W | "
+          + " | ".join(f"R = {r}" for r in ranks) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(ranks))
+    for name in args.models.split(","):
+        config = DIGITS_CONFIG if name == "digits" else LDM_CONFIGS[name]
+        with torch.device("meta"):
+            fp = DiffusionModel(config)
+        for n in [int(b) for b in args.wbits.split(",")]:
+            row = []
+            for r in ranks:
+                with torch.device("meta"):
+                    q = build_quant_model(fp, dict(wbits=n, abits=4, steps=20, quantize_all=False, lowrank=r))
+                layers = {k: m for k, m in quant_layers(q.unet).items() if m.mode == "quant"}
+                row.append(f"{bits_per_weight(layers):.2f}")
+            shapes = [(m.layer.weight.shape[0], m.layer.weight[0].numel()) for m in layers.values()]
+            print(f"| {name} | {len(layers)} | {sum(o * f for o, f in shapes) / 1e6:.2f} M | {min(min(s) for s in shapes)} | "
+                  f"{n} | " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

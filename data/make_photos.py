@@ -52,12 +52,12 @@ def read_member(sources, member):
     raise SystemExit(f"error: none of --source holds {member}; give the scikit-image and scikit-learn wheels")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, nargs="+", required=True, help="wheels or installed package folders")
     parser.add_argument("--short-side", type=int, default=160)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "photos.npz")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for s in args.source:
         if not s.exists():
             parser.error(f"--source {s} does not exist")

@@ -5,6 +5,8 @@ in-domain feature network of evaluate.py (its penultimate layer gives the featur
 Inception Score, its last conv map the spatial features for sFID)."""
 import torch.nn as nn
 
+from models.files import CLASSIFIER_FORMAT, VERSIONS, check_format, load_file
+
 
 class FeatureClassifier(nn.Module):
     """conv (the spatial map) -> fc (the features) -> head (the logits); subclasses build the three."""
@@ -47,3 +49,22 @@ class PhotoClassifier(FeatureClassifier):
 
 # arch name -> (class, input shape [C, H, W]); a classifier checkpoint names its arch
 CLASSIFIERS = {"digits": (DigitClassifier, (1, 8, 8)), "photos": (PhotoClassifier, (3, 32, 32))}
+
+
+# ---- files
+def classifier_checkpoint(model, arch, **extra):
+    return dict(format=CLASSIFIER_FORMAT, version=VERSIONS[CLASSIFIER_FORMAT], arch=arch,
+                state_dict=model.state_dict(), **extra)
+
+
+def load_classifier(path, with_arch=False):
+    """The classifier of a train.py --net classifier checkpoint (and its arch name, 'digits' or
+    'photos', when with_arch)."""
+    ckpt = load_file(path)
+    check_format(ckpt, path, CLASSIFIER_FORMAT, "rerun train.py --net classifier")
+    arch = ckpt.get("arch", "digits")  # version 1 files are digit classifiers
+    if arch not in CLASSIFIERS:
+        raise ValueError(f"{path}: unknown classifier arch {arch!r} (this code knows {sorted(CLASSIFIERS)})")
+    model = CLASSIFIERS[arch][0]()
+    model.load_state_dict(ckpt["state_dict"])
+    return (model.eval(), arch) if with_arch else model.eval()

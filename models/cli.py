@@ -157,7 +157,7 @@ def load_resume_state(parser, state_path, fingerprint, labels=None, missing=None
     setting that shapes the run); otherwise a parser error naming each setting that differs.
     labels: how to name a key that is not an option (e.g. an input file's hash); missing: the value
     of a key that states written before it existed stand for."""
-    from models.checkpoint import load_file
+    from models.files import load_file
 
     try:
         state = load_file(state_path)

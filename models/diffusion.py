@@ -7,7 +7,7 @@ for a given seed are therefore the same whatever the batch size or the number of
 import numpy as np
 import torch
 
-from models.quant import set_step
+from models.core.quant import set_step
 from models.seeds import generator_seeds
 
 

@@ -26,7 +26,7 @@ Convolutions run in channels-last layout (the kernels' own), so the whole UNet d
 import torch
 import torch.nn as nn
 
-from models.quant import QuantLayer, branch_forward, code_max, quant_int, quant_layers, scratch_like
+from models.core.quant import QuantLayer, branch_forward, code_max, quant_int, quant_layers, scratch_like
 
 
 def int8_unavailable(device):
@@ -58,7 +58,7 @@ _CODES = {}
 
 
 def uint8_scratch(x):
-    """A reused uint8 tensor like x (see models.quant.scratch_like: one sampling loop per process)."""
+    """A reused uint8 tensor like x (see models.core.quant.scratch_like: one sampling loop per process)."""
     key = (tuple(x.shape), x.stride())
     if key not in _CODES:
         _CODES[key] = torch.empty_like(x, dtype=torch.uint8)
@@ -76,7 +76,7 @@ class Int8Layer(nn.Module):
     fake-quantized weight computed (q.w_q). Holds the prepacked int8 weight, the per-channel scales
     and zero-point correction, the bias, the smoothing scale and each step's activation parameters."""
 
-    has_steps = True  # models.quant.set_step tells it the sampling step
+    has_steps = True  # models.core.quant.set_step tells it the sampling step
 
     def __init__(self, q: QuantLayer):
         super().__init__()

@@ -10,7 +10,7 @@ weight is (code - zero) * scale with the same float32 scale and zero-point.
 import numpy as np
 import torch
 
-from models.quant import code_max, quant_int, quant_layers
+from models.core.quant import code_max, quant_int, quant_layers
 
 def pack_codes(codes, bits):
     """Unsigned integers < 2**bits (any shape) -> uint8 bytes, `bits` bits each, LSB first."""
@@ -107,7 +107,7 @@ def unpack_model(packed):
 
 
 QUANTIZER_STATE = ("smooth", "bits", "w_scale", "w_zero", "a_scale", "a_zero")
-BRANCH = ("lowrank_U", "lowrank_V")  # a float low-rank branch (models/lowrank.py): stored in float16, as it computes
+BRANCH = ("lowrank_U", "lowrank_V")  # a float low-rank branch (models/core/lowrank.py): stored in float16, as it computes
 
 
 def fp32_bytes(model):

@@ -5,7 +5,7 @@ checkpoint load, the packed load and the benchmarks all call it).
 Settings: one dict, made by quantize.py, stored whole in every quantized and packed checkpoint and
 read back whole, on the model as `model.quant_settings`. Building needs wbits, abits, steps,
 quantize_all and quantize_conv1d, and lowrank (the rank of the float branch of every low-bit layer,
-models/lowrank.py; 0 or missing: none); the rest (eta, guidance, method, calibration settings) say how the
+models/core/lowrank.py; 0 or missing: none); the rest (eta, guidance, method, calibration settings) say how the
 model was made and how it is to be sampled.
 """
 import copy
@@ -13,7 +13,7 @@ import copy
 import torch.nn as nn
 
 from models.diffusion import ddim_timesteps
-from models.quant import QuantLayer
+from models.core.quant import QuantLayer
 
 # layers that the official code keeps at W8A8 / in full precision (see layer_mode)
 W8A8_LAYERS = ("time_embed.0", "time_embed.2", "input_blocks.0.0", "out.2")

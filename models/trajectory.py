@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from models.diffusion import combine_guidance, guidance_batch, is_guided, randn_per_sample, sample_generators
-from models.quant import set_step
+from models.core.quant import set_step
 
 
 def fp_trajectory(model, ddim, ids, seed, guidance, device):

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.checkpoint import fp_checkpoint, save_atomic
+from models.checkpoint import fp_checkpoint
+from models.files import save_atomic
 from models.digits import DIGITS_CONFIG
 from models.ldm import DiffusionModel
 

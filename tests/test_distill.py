@@ -1,4 +1,4 @@
-"""distill.py and models/trd.py: the relation loss trains, resume is exact, merging is exact."""
+"""distill.py and models/core/trd.py: the relation loss trains, resume is exact, merging is exact."""
 import json
 import subprocess
 import sys
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from models.checkpoint import load_quant_model
-from models.quant import quant_layers, refresh_weights, set_step
+from models.core.quant import quant_layers, refresh_weights, set_step
 from models.trajectory import fp_trajectory
 from models.diffusion import DDIM
-from models.trd import WindowSmoother, relation_kl
+from models.core.trd import WindowSmoother, relation_kl
 from tests.conftest import ROOT, kill_when, run_script
 
 QUICK_DISTILL = ["--iters", 3, "--batch-size", 2, "--eval-samples", 2, "--lora-rank", 2, "--ckpt-every", 1]
@@ -136,7 +136,7 @@ def test_distilled_checkpoint_is_a_plain_quantized_model(quant_ckpts, tmp_path):
 def test_relation_loss_in_row_blocks_equals_the_whole_map():
     """Large feature maps are compared a block of relation rows at a time (remade in backward):
     the same loss and gradient as the whole HW x HW map at once."""
-    from models.trd import relation_log_probs
+    from models.core.trd import relation_log_probs
 
     torch.manual_seed(0)
     f_fp = torch.randn(2, 8, 12, 12)
@@ -232,10 +232,10 @@ def test_mse_matches_the_guided_eps_by_default(quant_ckpts, tmp_path):
 
 
 def test_fake_quant_node_has_the_spelled_out_straight_through_gradients():
-    """models.quant.FakeQuant against the quantizer written out in autograd (round_ste, torch.clamp
+    """models.core.quant.FakeQuant against the quantizer written out in autograd (round_ste, torch.clamp
     with tensor bounds): the same values, and in float64 the same gradients for x, the scale and
     the zero-point, per output channel (weights, mixed bit-widths) and per tensor (activations)."""
-    from models.quant import fake_quant, round_ste
+    from models.core.quant import fake_quant, round_ste
 
     def spelled_out(x, scale, zero, qmax):
         qmax = torch.as_tensor(qmax, dtype=x.dtype)
@@ -270,9 +270,9 @@ def test_weight_refresher_equals_refresh_weights(quant_ckpts, monkeypatch, chunk
     at once) gives every layer exactly refresh_weights' weight, and the LoRA and weight-scale
     gradients to float rounding; a layer it did not bank (frozen) refreshes as before. A small chunk
     cuts a fan-in's layers into several pieces."""
-    import models.quant
-    from models.quant import WeightRefresher
-    monkeypatch.setattr(models.quant, "BANK_CHUNK", chunk)
+    import models.core.quant
+    from models.core.quant import WeightRefresher
+    monkeypatch.setattr(models.core.quant, "BANK_CHUNK", chunk)
     _, qmodel, _ = student(quant_ckpts["all"])
     layers = [m for m in quant_layers(qmodel.unet).values() if m.mode != "fp"]
     layers[0].frozen = True  # a packed layer: refreshed by itself, not banked

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from models.checkpoint import load_quant_model
-from models.quant import quant_layers
+from models.core.quant import quant_layers
 from tests.conftest import ROOT, run_script
 
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone"]  # --standalone: a free port from the OS

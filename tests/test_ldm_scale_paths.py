@@ -4,11 +4,11 @@ groups. Each is compared with the path the tests' small models take anyway."""
 import torch
 import torch.nn.functional as F
 
-import models.quant
+import models.core.quant
 from models.diffusion import DDIM, combine_guidance
-from models.quant import quant_layers, refresh_weights, set_step
+from models.core.quant import quant_layers, refresh_weights, set_step
 from models.trajectory import fp_trajectory
-from models.trd import relation_kl
+from models.core.trd import relation_kl
 from tests.conftest import QUICK, run_script
 from tests.test_distill import QUICK_DISTILL, student
 
@@ -24,16 +24,16 @@ def lora_and_quantizer_grads(quant_ckpt, recompute_min_weights=None, recompute_a
         m.recompute = recompute_activations
     ddim = DDIM(fp_model.alphas_cumprod, steps=ckpt["settings"]["steps"])
     i, inputs, out_fp = next(fp_trajectory(fp_model, ddim, range(3), 0, 2.0, torch.device("cpu")))
-    saved, checkpoint = models.quant.RECOMPUTE_MIN_WEIGHTS, models.quant.checkpoint
+    saved, checkpoint = models.core.quant.RECOMPUTE_MIN_WEIGHTS, models.core.quant.checkpoint
     recomputed = []  # the weights whose fake-quantization went through torch.utils.checkpoint
 
     def counted(fn, *a, **kw):
         recomputed.append(fn)
         return checkpoint(fn, *a, **kw)
 
-    models.quant.checkpoint = counted
+    models.core.quant.checkpoint = counted
     if recompute_min_weights is not None:
-        models.quant.RECOMPUTE_MIN_WEIGHTS = recompute_min_weights
+        models.core.quant.RECOMPUTE_MIN_WEIGHTS = recompute_min_weights
     try:
         qmodel.unet.train()
         refresh_weights(qmodel.unet)
@@ -42,7 +42,7 @@ def lora_and_quantizer_grads(quant_ckpt, recompute_min_weights=None, recompute_a
         loss = F.mse_loss(combine_guidance(qmodel.unet(*inputs), 2.0), combine_guidance(out_fp, 2.0))
         loss.backward()
     finally:
-        models.quant.RECOMPUTE_MIN_WEIGHTS, models.quant.checkpoint = saved, checkpoint
+        models.core.quant.RECOMPUTE_MIN_WEIGHTS, models.core.quant.checkpoint = saved, checkpoint
     return {k: p.grad.clone() for k, p in params.items()}, n_weights
 
 

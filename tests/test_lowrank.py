@@ -1,4 +1,4 @@
-"""The float low-rank branch (quantize.py --lowrank, models/lowrank.py): the branch plus the residual
+"""The float low-rank branch (quantize.py --lowrank, models/core/lowrank.py): the branch plus the residual
 is the layer it replaces; LoftQ rounds never make the weight error worse; calibration scores the
 residual with the branch in place; --lowrank 0 is today's model; distill.py trains the branch; the
 packed and int8 paths carry it."""
@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.allocate import _set_branch, calibrate_layer, channel_errors
+from models.core.allocate import _set_branch, calibrate_layer, channel_errors
 from models.checkpoint import load_packed_model, load_quant_model
 from models.int8 import Int8Layer, int8_unavailable
-from models.lowrank import bits_per_weight, branch_bits, lowrank_split, weight_error
-from models.quant import QuantLayer, branch_forward, quant_layers, range_search
+from models.core.lowrank import bits_per_weight, branch_bits, lowrank_split, weight_error
+from models.core.quant import QuantLayer, branch_forward, quant_layers, range_search
 from tests.conftest import QUICK, run_script
 
 EPS = 2.0 ** -24  # float32's unit roundoff

@@ -10,7 +10,7 @@ import torch
 from scipy import linalg
 from scipy.spatial.distance import cdist
 
-from models.checkpoint import load_classifier
+from models.classifier import load_classifier
 from models.digits import DEFAULT_CLASSIFIER, load_digits
 from tests.conftest import run_script
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import torch
 
-from models.checkpoint import load_classifier
+from models.classifier import load_classifier
 from models.digits import DEFAULT_CLASSIFIER, load_digits
 from models.npz import NpzArray
 from models.paired import interval, resolved

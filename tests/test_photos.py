@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from models.autoencoder import AutoencoderKL
-from models.checkpoint import load_autoencoder, load_classifier, load_fp_model
+from models.checkpoint import load_autoencoder, load_fp_model
+from models.classifier import load_classifier
 from models.diffusion import to_uint8
 from models.paired import psnr
 from models.photos import (PHOTO_AUTOENCODER, PHOTO_CHECKPOINT, PHOTO_CLASSIFIER, PHOTO_CONFIG, load_photos,
@@ -109,7 +110,9 @@ def test_shipped_photo_model_loads_with_the_autoencoders_decoder_and_is_wide_eno
 def test_shipped_photo_files_round_trip(tmp_path):
     """Loaded and written again with this code's own writers, each shipped file loads to the same
     tensors (nothing the writer needs is missing from what the loader gives)."""
-    from models.checkpoint import autoencoder_checkpoint, classifier_checkpoint, fp_checkpoint, save_atomic
+    from models.checkpoint import autoencoder_checkpoint, fp_checkpoint
+    from models.files import save_atomic
+    from models.classifier import classifier_checkpoint
 
     model = load_fp_model(PHOTO_CHECKPOINT)
     save_atomic(fp_checkpoint(model), tmp_path / "fp.pt")

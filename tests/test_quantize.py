@@ -1,14 +1,15 @@
-"""quantize.py and models/quant.py, models/allocate.py: OMQ allocation and calibration."""
+"""quantize.py and models/core/quant.py, models/core/allocate.py: OMQ allocation and calibration."""
 import json
 
 import pytest
 import torch
 import torch.nn as nn
 
-from models.allocate import calibrate_layer, kurtosis, split_bits, split_candidates
-from models.checkpoint import load_quant_model, quant_checkpoint, save_atomic
+from models.core.allocate import calibrate_layer, kurtosis, split_bits, split_candidates
+from models.checkpoint import load_quant_model, quant_checkpoint
+from models.files import save_atomic
 from models.diffusion import DDIM, ddim_sample
-from models.quant import QuantLayer, fake_quant, quant_layers, range_search, set_step
+from models.core.quant import QuantLayer, fake_quant, quant_layers, range_search, set_step
 from models.seeds import HELD_OUT_SEED_OFFSET
 from models.trajectory import eps_mse
 from tests.conftest import QUICK, run_script
@@ -82,7 +83,7 @@ def test_split_keeps_average_exactly_n_and_follows_kurtosis(n):
 def test_split_scores_from_per_channel_errors_equal_direct_output_errors(kind):
     """The OMQ search scores every split from one error per (channel, bit-width); each score must
     equal the output error of the layer actually quantized with that split."""
-    from models.allocate import channel_errors
+    from models.core.allocate import channel_errors
 
     g = torch.Generator().manual_seed(1)
     if kind == "linear":

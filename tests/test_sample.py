@@ -9,7 +9,7 @@ import torch
 
 from models.checkpoint import load_packed_model, load_quant_model, write_packed
 from models.pack import fp32_bytes, pack_codes, pack_model, unpack_codes, unpack_model
-from models.quant import quant_layers
+from models.core.quant import quant_layers
 from tests.conftest import ROOT, kill_when, run_script
 
 

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import torch
 
-from models.checkpoint import fp_checkpoint, save_atomic
+from models.checkpoint import fp_checkpoint
+from models.files import save_atomic
 from models.digits import DEFAULT_CHECKPOINT
 from models.ldm import DiffusionModel
 from tests.conftest import QUICK, run_script

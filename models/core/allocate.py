@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.lowrank import lowrank_split
-from models.quant import code_max, range_search
+from .lowrank import lowrank_split
+from .quant import code_max, range_search
 
 def kurtosis(w):
     """Per output channel: fourth central moment over the squared variance."""
@@ -105,7 +105,7 @@ def _calibrate_activations(q, inputs):
 
 def _set_branch(q, w0, lowrank):
     """Splits the layer's full-precision weight w0 into q's float branch L (from the smoothed weight
-    w0 * s, models/lowrank.py) and the residual w0 - L, which q.layer.weight then holds and the
+    w0 * s, models/core/lowrank.py) and the residual w0 - L, which q.layer.weight then holds and the
     quantizer sees. lowrank: (rank, init, rounds). Returns the LoftQ weight errors."""
     rank, init, rounds = lowrank
     s = q._channel_view(q.smooth, w0.dim(), 1)

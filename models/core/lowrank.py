@@ -13,11 +13,11 @@ by s, so the branch needs no smoothing of its own):
 distill.py trains U and V as its LoRA (instead of a cold-start LoRA that starts at B = 0): the
 branch starts from the quantization error rather than from nothing. The branch stays in float16
 values (QuantLayer.round_params), which the packed file stores and counts (branch_bits). The
-branch's arithmetic is the layer's: models.quant.branch_forward.
+branch's arithmetic is the layer's: models.core.quant.branch_forward.
 """
 import torch
 
-from models.quant import code_max, fake_quant, range_search
+from .quant import code_max, fake_quant, range_search
 
 INITS = ("svd", "loftq")
 BRANCH_BITS = 16  # a branch value as stored (float16)

@@ -8,7 +8,7 @@ with
   - Q_w: per-output-channel asymmetric quantizer whose bit-width may differ per channel (OMQ);
   - Q_a: asymmetric per-tensor quantizer with one (scale, zero-point) per DDIM sampling step;
   - B A: an optional LoRA update (distill.py), merged into W before packing.
-With a low-rank branch (quantize.py --lowrank R, models/lowrank.py) W holds the residual W - L and
+With a low-rank branch (quantize.py --lowrank R, models/core/lowrank.py) W holds the residual W - L and
 the layer adds L x = U (V x) in float on the unquantized input.
 The fake-quantized weight is computed by `refresh()` (once per training step, once at load) and
 cached; forward never requantizes it.
@@ -291,7 +291,7 @@ class QuantLayer(nn.Module):
 
     def add_lowrank(self, rank):
         """A float branch L = U V of this rank beside the quantized weight, zero until calibration
-        (models/lowrank.py) or a checkpoint fills it; frozen until distill.py trains it."""
+        (models/core/lowrank.py) or a checkpoint fills it; frozen until distill.py trains it."""
         w = self.layer.weight
         self.branch_conv = conv_args(self.layer)  # refuses a layer the branch cannot sit beside
         self.lowrank_U = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device), requires_grad=False)
