@@ -232,7 +232,7 @@ def test_refused_runs_write_nothing_and_destroy_nothing(sweep, quant_ckpts):
 
 def test_an_interrupted_save_never_leaves_a_new_report_beside_an_old_checkpoint(tmp_path, monkeypatch):
     """save_with_report: the old report goes before the checkpoint is replaced, the new one after."""
-    import models.checkpoint as ck
+    import models.files as ck
 
     path = tmp_path / "q.pt"
     ck.save_with_report({"run": 1}, path, {"run": 1})
