@@ -2,7 +2,7 @@
 `distill.py --eval-every N`: a Markdown table and a PNG (PIL only, log-scale error).
 
     python bench/heldout_curve.py runs/heldout/baseline_x16_it160.json runs/heldout/mpqdm_x64_it160.json \
-        --labels "baseline x16" "MPQ-DM x64" --out bench/results/heldout_w2a4_s0.png
+        --labels "baseline x16" "MPQ-DM x64" --out bench/results/history/heldout_w2a4_s0.png
     python bench/heldout_curve.py ... --metrics both guided   # also the held-out MSE of the guided eps
 
 Held-out metrics (what distill.py --eval-every logs): 'both' is the eps MSE over both guidance

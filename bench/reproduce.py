@@ -58,7 +58,7 @@ seed with its interval (models/paired.py).
 Every distillation run shares <out>/teacher (distill.py --teacher-cache): the FP teacher's trajectories
 of a training seed are computed by its first runs and read by the others of that seed only (the same
 tensors; about 230 MB per seed at 800 updates; delete it when the sweep is done). Before the cache's
-files were named by seed, every seed of a sweep read the first seed's trajectories (docs/results.md).
+files were named by seed, every seed of a sweep read the first seed's trajectories (docs/history.md).
 
 --jobs 2 runs two runs at a time with one thread each (on 2 cores: about 1.6x the throughput of one
 2-thread job, measured; never run two 2-thread torch jobs at once). Figures then differ from a
@@ -112,7 +112,7 @@ def main(argv=None):
     parser.add_argument("--selection-seed", type=int, default=99, help="the search's training seed; nothing reported uses it")
     parser.add_argument("--select-by", choices=["both", "guided"], default=None,
                         help="the search's held-out eps MSE: of the guided eps that sampling uses, or of both guidance halves "
-                             "(which can drift where the guided eps cannot see it: docs/results.md). Default: guided for a "
+                             "(which can drift where the guided eps cannot see it: docs/history.md). Default: guided for a "
                              "search run here; for a committed search, the rule it ran under (both where its file does not say)")
     parser.add_argument("--search-iters", type=int, default=None, help="distill.py --iters of the search (default: --distill-iters)")
     parser.add_argument("--search-only", action="store_true", help="run the learning-rate search, then only write the tables")

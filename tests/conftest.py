@@ -16,6 +16,7 @@ from models.checkpoint import fp_checkpoint
 from models.files import save_atomic
 from models.digits import DIGITS_CONFIG
 from models.ldm import DiffusionModel
+from models import safe_load
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,9 +40,11 @@ def run_script(script, *args, check=True, isolated=False):
 
 def _run_in_process(argv):
     """runpy's `python argv[0] argv[1:]` with the exit code, output and traceback a process would give;
-    the working directory, SIGINT handler, torch's thread count and sys.argv / sys.path are restored."""
+    the working directory, SIGINT handler, torch's thread count, sys.argv / sys.path and the scripts' one
+    process-wide switch (--trust-checkpoint: models.safe_load.allow_pickle) are restored."""
     out, err = io.StringIO(), io.StringIO()
-    saved = (os.getcwd(), list(sys.argv), list(sys.path), signal.getsignal(signal.SIGINT), torch.get_num_threads())
+    saved = (os.getcwd(), list(sys.argv), list(sys.path), signal.getsignal(signal.SIGINT), torch.get_num_threads(),
+             safe_load._ALLOW_PICKLE)
     code = 0
     try:
         os.chdir(ROOT)
@@ -63,7 +66,7 @@ def _run_in_process(argv):
                 traceback.print_exc()
                 code = 1
     finally:
-        cwd, sys.argv, sys.path[:], handler, threads = saved
+        cwd, sys.argv, sys.path[:], handler, threads, safe_load._ALLOW_PICKLE = saved
         os.chdir(cwd)
         signal.signal(signal.SIGINT, handler)
         torch.set_num_threads(threads)
