@@ -109,7 +109,9 @@ def test_photo_model_reads_its_own_searches_and_never_shares_an_out_with_digits(
     own folder holds one), and an --out holding one model's runs refuses the other model."""
     got = plan(tmp_path, "--model", "photos", "--bits", 2, "--cells", "baseline,mpqdm")
     for c in ("baseline", "mpqdm"):
-        assert got[c][0] == 1 and "no committed search for W2A4" in got[c][1]
+        assert "bench/results/photos/w2a4_sweep.json" in got[c][1]  # its own folder, searched or not
+    got = plan(tmp_path, "--model", "photos", "--bits", 5, "--cells", "baseline")  # a width nothing searched
+    assert got["baseline"][0] == 1 and "no committed search for W5A4" in got["baseline"][1]
     out = tmp_path / "digits_out"
     out.mkdir()
     (out / "results.json").write_text(json.dumps(dict(format=2, runs={"fp": dict(cell="fp")}, search={})))
