@@ -26,7 +26,7 @@ from models.cli import (add_trust_flag, check_device, check_finite, check_output
 from models.checkpoint import fp_reference, load_fp_model, quant_checkpoint, write_packed
 from models.files import save_with_report
 from models.diffusion import DDIM
-from models.core.lowrank import bits_per_weight
+from models.core.bits import BITS_COUNT, stored_bits
 from models.digits import DEFAULT_CHECKPOINT
 from models.qmodel import build_quant_model
 from models.core.quant import quant_layers, refresh_weights
@@ -151,14 +151,18 @@ def main(argv=None):
     print(f"{len(mixed)} layers at W{args.wbits}A{args.abits} ({sum(r['high'] > 0 for r in mixed)} mixed, "
           f"{sum(r['smooth_alpha'] > 0 for r in mixed)} smoothed), "
           f"{sum(r['mode'] == 'w8a8' for r in report.values())} at W8A8, {sum(r['mode'] == 'fp' for r in report.values())} in FP")
-    bpw = bits_per_weight(qlayers)
-    print(f"low-bit layers: {bpw:.3f} bits per weight" + (f", the float16 rank-{args.lowrank} branch included" if args.lowrank else ""))
+    bits = stored_bits(qmodel.unet)  # the one count every table uses (models/core/bits.py)
+    bpw = bits.pop("bits_per_weight")
+    print(f"stored: {bpw:.3f} bits per weight of the UNet's {bits['weights']:,} conv/linear weights (codes "
+          f"{bits['codes'] / bits['weights']:.3f}, quantizer parameters {bits['quantizer'] / bits['weights']:.3f}"
+          + (f", float16 rank-{args.lowrank} branch {bits['branch'] / bits['weights']:.3f}" if args.lowrank else "") + ")")
     print(f"eps MSE vs FP over {ddim.steps} steps on {args.eval_samples} held-out trajectories: {mse:.5f}")
     elapsed = time.time() - t_start
     ckpt = quant_checkpoint(qmodel.cpu(), fp_reference(model.cpu(), args.ckpt, args.config), report=report, eps_mse=mse,
                             source=str(args.ckpt))
     json_path = out_path.with_suffix(".json")
-    save_with_report(ckpt, out_path, dict(settings=settings, eps_mse=mse, bits_per_weight=bpw, seconds=elapsed, layers=report))
+    save_with_report(ckpt, out_path, dict(settings=settings, eps_mse=mse, bits_per_weight=bpw, bits_count=BITS_COUNT,
+                                              stored_bits=bits, seconds=elapsed, layers=report))
     if args.pack:
         write_packed(qmodel, out_path.with_suffix(".packed.pt"))
     print(f"wrote {out_path} and {json_path} in {elapsed:.0f} s")

@@ -1,10 +1,11 @@
-"""What a float low-rank branch (quantize.py --lowrank R) costs in memory: the mean stored bits per
-weight of the low-bit layers (the layers quantize.py puts at n bits under its default policy: the
-first/last conv and time embedding stay W8A8, skip and downsampling convs full precision), with the
-float16 branch counted, for the embedded default and the official LDM models. Built on the meta
-device: no weights are needed or made.
+"""What a float low-rank branch (quantize.py --lowrank R) costs in memory: the stored bits per weight of
+the whole UNet (models/core/bits.py: every conv/linear weight at its stored width, under quantize.py's
+default policy the first/last conv and time embedding at W8A8 and skip and downsampling convs in full
+precision, with the quantizer parameters of 20 sampling steps and the float16 branch), for the embedded
+defaults and the official LDM models. Built on the meta device: no weights are needed or made; no
+layer is counted as smoothed.
 
-    python bench/lowrank_bits.py                     # digits, cin256-v2, lsun_beds256, lsun_churches256
+    python bench/lowrank_bits.py                     # digits, photos, cin256-v2, lsun_beds256, lsun_churches256
     python bench/lowrank_bits.py --ranks 1,2,4,8,32 --wbits 2,3,4
 """
 import argparse
@@ -16,15 +17,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from models.digits import DIGITS_CONFIG  # noqa: E402
+from models.photos import PHOTO_CONFIG  # noqa: E402
 from models.ldm import LDM_CONFIGS, DiffusionModel  # noqa: E402
-from models.core.lowrank import bits_per_weight  # noqa: E402
+from models.core.bits import bits_per_weight  # noqa: E402
 from models.qmodel import build_quant_model  # noqa: E402
 from models.core.quant import quant_layers  # noqa: E402
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="digits," + ",".join(LDM_CONFIGS))
+    parser.add_argument("--models", default="digits,photos," + ",".join(LDM_CONFIGS))
     parser.add_argument("--ranks", default="0,1,2,4,8,32")
     parser.add_argument("--wbits", default="2")
     args = parser.parse_args(argv)
@@ -34,7 +36,7 @@ def main(argv=None):
           + " | ".join(f"R = {r}" for r in ranks) + " |")
     print("|---|---|---|---|---|" + "---|" * len(ranks))
     for name in args.models.split(","):
-        config = DIGITS_CONFIG if name == "digits" else LDM_CONFIGS[name]
+        config = {"digits": DIGITS_CONFIG, "photos": PHOTO_CONFIG}.get(name) or LDM_CONFIGS[name]
         with torch.device("meta"):
             fp = DiffusionModel(config)
         for n in [int(b) for b in args.wbits.split(",")]:
@@ -43,7 +45,7 @@ def main(argv=None):
                 with torch.device("meta"):
                     q = build_quant_model(fp, dict(wbits=n, abits=4, steps=20, quantize_all=False, lowrank=r))
                 layers = {k: m for k, m in quant_layers(q.unet).items() if m.mode == "quant"}
-                row.append(f"{bits_per_weight(layers):.2f}")
+                row.append(f"{bits_per_weight(q.unet):.2f}")
             shapes = [(m.layer.weight.shape[0], m.layer.weight[0].numel()) for m in layers.values()]
             print(f"| {name} | {len(layers)} | {sum(o * f for o, f in shapes) / 1e6:.2f} M | {min(min(s) for s in shapes)} | "
                   f"{n} | " + " | ".join(row) + " |")

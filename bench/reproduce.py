@@ -237,6 +237,7 @@ def main(argv=None):
             q = json.loads(folder.quant_path(variant, n, seed).with_suffix(".json").read_text())
             eps_mse, stage_seconds["quantize"] = q["eps_mse"], q["seconds"]
             paired["bits_per_weight"] = q.get("bits_per_weight", float(n))  # written since the branch; n before it
+            paired["bits_count"] = q.get("bits_count", 1)  # 2: models/core/bits.py's count
             if trd:
                 d = json.loads(ckpt.with_suffix(".json").read_text())
                 eps_mse, stage_seconds["distill"] = d["eps_mse_after"], d["seconds"]
@@ -394,8 +395,8 @@ def tables(args, folder, results, runs, chosen, source, search_iters):
         base = {b["train_seed"]: b["fid"] for b in base_runs}
         paired = [100 * (r["fid"] - base[r["train_seed"]]) / base[r["train_seed"]] for r in rs
                   if CELLS[cell][0] and cell != "baseline" and r["train_seed"] in base]
-        bpw = statistics.mean(r.get("bits_per_weight", n) for r in rs) if n else 32
-        return (f"| {'FP32' if not n else f'W{n}A{args.abits}'} | {NAMES[cell]} | {bpw:.2f} | {fmt(rs[0]['lr_mult'], 'g')} | "
+        bpw = R.bits_cell(rs, n) if n else "32.00"
+        return (f"| {'FP32' if not n else f'W{n}A{args.abits}'} | {NAMES[cell]} | {bpw} | {fmt(rs[0]['lr_mult'], 'g')} | "
                 f"{','.join(str(r['train_seed']) for r in rs) if CELLS[cell][0] else '-'} | {mean_std([r['fid'] for r in rs])} | "
                 f"{mean_std([r['fid_vs_fp'] for r in rs])} | {mean_std([r['eps_mse'] for r in rs], '.4f')} | "
                 f"{mean_std(paired, '+.0f', '.0f') + ' %' if paired else '-'} | "
@@ -407,7 +408,8 @@ def tables(args, folder, results, runs, chosen, source, search_iters):
         groups.setdefault((r["wbits"] or 0, r["lr_mult"] or 0, folder.order(r["cell"])), []).append(r)
     md = [f"Seed sweep: mean ± std over training seeds (calibration + distillation; sample seed {args.sample_seed} for all); "
           "paired columns: mean [95 % bootstrap interval over seeds and images], "
-          f"{args.distill_iters * 20} distillation updates, {args.num_images} samples per run; in-domain metrics.", ""]
+          f"{args.distill_iters * 20} distillation updates, {args.num_images} samples per run; in-domain metrics. "
+          + R.bits_note(main), ""]
     if any("chosen by" in v for v in source.values()):  # each cell at its search's choice, paired with the baseline at its choice
         md += ["Each method at its own chosen learning-rate multiplier:", "", *HEADER]
         for (n, mult, ci), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2])):
@@ -503,7 +505,7 @@ def lowrank_table(args, folder, main, chosen):
                      if folder.per_image(mine[s], k) is not None and folder.per_image(base[s], k) is not None]
                 cols.append(format_interval(interval(d), f) if d else "-")
             md.append(f"| W{n}A{args.abits} | {folder.names[c]} | "
-                      f"{statistics.mean(mine[s].get('bits_per_weight', n) for s in common):.2f} | "
+                      f"{R.bits_cell([mine[s] for s in common], n)} | "
                       f"{','.join(map(str, common))} | " + " | ".join(cols) + " |")
     return md
 
@@ -522,8 +524,8 @@ def width_table(args, folder, results, main, search_iters):
 
     md = ["", f"By bit width, each cell at the multiplier this folder's search chose ({rule} eps MSE, selection seed): PSNR "
           "vs the FP model's images, dB, mean [95 % interval over seeds and images]; below it the paired difference "
-          "from the baseline of the same width and seed; in brackets the seeds, the multiplier and, where a branch adds "
-          "some, the bits per weight:", "",
+          "from the baseline of the same width and seed; in brackets the seeds, the multiplier and the bits per weight:",
+          "",
           "| method | " + " | ".join(f"W{n}A{args.abits}" for n in reversed(widths)) + " |", "|---|" + "---|" * len(widths)]
     for c in [c for c in CELLS if CELLS[c][0] and any(at_choice(c, n) for n in widths)]:
         cols = []
@@ -533,10 +535,8 @@ def width_table(args, folder, results, main, search_iters):
                 cols.append("not run")
                 continue
             psnr, delta = folder.paired_columns(rs, base_runs, c == "baseline")[:2]
-            bpw = statistics.mean(r.get("bits_per_weight", n) for r in rs)
             mult = f", × {rs[0]['lr_mult']:g}" if CELLS[c][1] else ""
-            cols.append(f"{psnr}{'' if delta == '-' else '<br>' + delta} ({len(rs)} seeds{mult}"
-                        + (f", {bpw:.2f} bits)" if abs(bpw - n) > 1e-9 else ")"))
+            cols.append(f"{psnr}{'' if delta == '-' else '<br>' + delta} ({len(rs)} seeds{mult}, {R.bits_cell(rs, n)} bits)")
         md.append(f"| {folder.names[c]} | " + " | ".join(cols) + " |")
     return md
 

@@ -222,6 +222,25 @@ def in_seed_order(runs):
 
 
 # ---- table cells
+OLD_COUNT = "¹"  # marks bits per weight counted before models/core/bits.py: the low-bit layers' code bits only
+
+
+def bits_cell(rs, n):
+    """A row's bits per weight: the mean over its runs of the count quantize.py reported (models/core/bits.py),
+    marked OLD_COUNT where a run reported the earlier count (or, before that, none: then n)."""
+    old = any(r.get("bits_count", 1) < 2 for r in rs)
+    return f"{statistics.mean(r.get('bits_per_weight', n) for r in rs):.2f}" + (OLD_COUNT if old else "")
+
+
+def bits_note(runs):
+    """The tables' sentence on what bits per weight counts."""
+    note = ("bits / weight: what the UNet stores per conv/linear weight, every overhead counted (codes at each "
+            "channel's width, full-precision and W8A8 layers, quantizer parameters, any branch: models/core/bits.py)")
+    if any(r.get("wbits") and r.get("bits_count", 1) < 2 for r in runs):
+        note += f"; {OLD_COUNT} runs made before that count show the low-bit layers' code bits (and branch) only"
+    return note + "."
+
+
 def fmt(v, f=".3f"):
     return "-" if v is None else format(v, f)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from models.core.allocate import _set_branch, calibrate_layer, channel_errors
 from models.checkpoint import load_packed_model, load_quant_model
 from models.int8 import Int8Layer, int8_unavailable
-from models.core.lowrank import bits_per_weight, branch_bits, lowrank_split, weight_error
+from models.core.lowrank import lowrank_split, weight_error
 from models.core.quant import QuantLayer, branch_forward, quant_layers, range_search
 from tests.conftest import QUICK, run_script
 
@@ -124,21 +124,11 @@ def test_calibration_scores_the_residual_with_the_branch_in_place(kind):
     assert torch.allclose(recon, layer.weight.detach(), rtol=0, atol=1e-5 * layer.weight.abs().max().item())
 
 
-def test_bits_per_weight_counts_the_branch():
-    q = QuantLayer(nn.Linear(64, 32), "quant", 2, 4, n_steps=1)
-    assert bits_per_weight({"a": q}) == 2.0
-    q.add_lowrank(4)
-    assert bits_per_weight({"a": q}) == pytest.approx(2.0 + 16 * 4 * (32 + 64) / (32 * 64)) == 2 + branch_bits(32, 64, 4)
-    q.bits[:8] = 3
-    q.bits[8:16] = 1  # an OMQ split keeps the mean
-    assert bits_per_weight({"a": q}) == pytest.approx(2.0 + branch_bits(32, 64, 4))
-
-
 @pytest.fixture(scope="module")
 def lowrank_ckpt(fp_ckpt, tmp_path_factory):
     path = tmp_path_factory.mktemp("lowrank") / "lr.pt"
     proc = run_script("quantize.py", "--ckpt", fp_ckpt, "--out", path, "--lowrank", 3, "--pack", *QUICK)
-    assert "bits per weight, the float16 rank-3 branch included" in proc.stdout
+    assert "float16 rank-3 branch" in proc.stdout
     return path
 
 

@@ -1,6 +1,6 @@
 """The quantization core of MPQ-DM: torch only, and the unit to copy into another project.
 
-Copy this folder (quant.py, allocate.py, lowrank.py, trd.py and this file) under any name; it imports
+Copy this folder (quant.py, allocate.py, lowrank.py, trd.py, bits.py and this file) under any name; it imports
 nothing but torch and itself (tests/test_core.py copies it alone and quantizes a plain torch.nn model).
 
     quant.py     QuantLayer: a Conv1d/Conv2d/Linear with per-channel fake-quantized weights (each
@@ -11,6 +11,7 @@ nothing but torch and itself (tests/test_core.py copies it alone and quantizes a
     lowrank.py   the float low-rank branch's SVD / LoftQ split of a weight
     trd.py       TRD: the relation loss between two models' features (relation_kl) and the smoothing
                  of features over neighbouring sampling steps (WindowSmoother)
+    bits.py      what a quantized model stores, in bits per weight, every overhead counted (stored_bits)
 
 Use on any model:
 
@@ -22,9 +23,10 @@ Everything diffusion-specific (which UNet layers stay at 8 bits, the DDIM trajec
 lives outside, in models/ and the scripts.
 """
 from .allocate import calibrate_layer, kurtosis, split_bits
+from .bits import bits_per_weight, stored_bits
 from .lowrank import lowrank_split
 from .quant import QuantLayer, WeightRefresher, quant_layers, refresh_weights, set_step
 from .trd import WindowSmoother, relation_kl
 
-__all__ = ["QuantLayer", "WeightRefresher", "calibrate_layer", "kurtosis", "lowrank_split", "quant_layers",
-           "refresh_weights", "relation_kl", "set_step", "split_bits", "WindowSmoother"]
+__all__ = ["QuantLayer", "WeightRefresher", "bits_per_weight", "calibrate_layer", "kurtosis", "lowrank_split",
+           "quant_layers", "refresh_weights", "relation_kl", "set_step", "split_bits", "stored_bits", "WindowSmoother"]

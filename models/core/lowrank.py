@@ -12,7 +12,7 @@ by s, so the branch needs no smoothing of its own):
            that Q(W * s - L) + L approaches W * s; a round is kept only where it lowers that error.
 distill.py trains U and V as its LoRA (instead of a cold-start LoRA that starts at B = 0): the
 branch starts from the quantization error rather than from nothing. The branch stays in float16
-values (QuantLayer.round_params), which the packed file stores and counts (branch_bits). The
+values (QuantLayer.round_params), which the packed file stores and models/core/bits.py counts. The
 branch's arithmetic is the layer's: models.core.quant.branch_forward.
 """
 import torch
@@ -20,7 +20,6 @@ import torch
 from .quant import code_max, fake_quant, range_search
 
 INITS = ("svd", "loftq")
-BRANCH_BITS = 16  # a branch value as stored (float16)
 
 
 def top_singular(w, rank):
@@ -65,23 +64,3 @@ def lowrank_split(w, rank, bits, init="svd", rounds=1):
         u, v = u2, v2
         errors.append(e)
     return u.float(), v.float(), errors
-
-
-def branch_bits(out_channels, fan_in, rank):
-    """Bits the branch adds per weight of its layer: R (out + fan_in) float16 values over out * fan_in."""
-    return BRANCH_BITS * rank * (out_channels + fan_in) / (out_channels * fan_in)
-
-
-def bits_per_weight(layers):
-    """Mean stored bits per weight over the low-bit layers (mode 'quant') of {name: QuantLayer}: each
-    channel's bit-width, plus the branch where there is one (quantizer scales not counted)."""
-    weights = stored = 0
-    for q in layers.values():
-        if q.mode != "quant":
-            continue
-        out, fan_in = q.layer.weight.shape[0], q.layer.weight[0].numel()
-        weights += out * fan_in
-        stored += (q.wbits * out if q.bits.is_meta else q.bits.double().sum().item()) * fan_in  # meta: no split yet
-        if q.lowrank_U is not None:
-            stored += branch_bits(out, fan_in, q.lowrank_U.shape[1]) * out * fan_in
-    return stored / max(weights, 1)
