@@ -133,3 +133,27 @@ def test_reproduce_makes_its_search_decisions_through_the_folder(tmp_path):
     assert "W2 baseline chose" not in proc.stdout  # x256 was tried and is worse: bracketed
     assert "| W2A4 | MPQ-DM (OMQ + TRD) | 800 | 0.5000 | 0.4000 | 0.3000 | 0.2000* |" in proc.stdout
     assert json.loads((out / "results.json").read_text())["search"] == search  # nothing ran, nothing changed
+
+
+def test_verdicts_read_each_model_at_its_own_choice_and_say_holds_flips_or_unresolved():
+    """bench/verdicts.py on the committed digits results against themselves: each arm at its search's
+    choice gives the committed table's paired interval, and a verdict resolved on both holds; the
+    classification of two intervals by hand."""
+    from bench import verdicts as V
+    from tests.conftest import ROOT
+
+    files = f"{ROOT}/bench/results/w2a4_sweep.json,{ROOT}/bench/results/w4a4_sweep.json"
+    proc = run_script("bench/verdicts.py", "--a", f"digits={files}", "--b", f"again={files}",
+                      "--tenth", "mpqdm_lam20", "mpqdm_lam20")
+    table = (ROOT / "bench" / "results" / "yardstick.md").read_text()
+    row = next(l for l in proc.stdout.splitlines() if "| W2A4 | MPQ-DM against the baseline" in l)
+    assert "-0.82 [-0.97, -0.66]" in row and "-0.82 [-0.97, -0.66]" in table and row.endswith("| holds |")
+    omq = next(l for l in proc.stdout.splitlines() if "| W2A4 | OMQ only against the baseline" in l)
+    assert omq.endswith("| unresolved on both |")
+    # the W4A4 baseline ran at x128 and x256: against its chosen x256, OMQ only is resolved ahead (x128: level)
+    omq4 = next(l for l in proc.stdout.splitlines() if "| W4A4 | OMQ only against the baseline" in l)
+    assert "+0.22 [+0.05, +0.38]" in omq4 and omq4.endswith("| holds |")
+    up, down, level = (dict(mean=m, lo=lo, hi=hi) for m, lo, hi in ((0.5, 0.2, 0.8), (-0.4, -0.6, -0.1), (0.1, -0.2, 0.3)))
+    assert V.verdict(up, up) == "holds" and V.verdict(up, down) == "flips"
+    assert V.verdict(up, level) == "unresolved on the second" and V.verdict(level, down) == "unresolved on the first"
+    assert V.verdict(None, up) == "not run"
