@@ -166,8 +166,10 @@ def main(argv=None):
             m.add_lora(args.lora_rank, lora_gen)
         m.recompute = args.recompute
     if settings.get("lowrank") and rank == 0:
-        print(f"the quantized model has a rank-{settings['lowrank']} float branch in its low-bit layers: it trains there "
-              f"in place of a rank-{args.lora_rank} LoRA (which the W8A8 layers still get)")
+        ranks = sorted({m.lowrank_U.shape[1] for m in trained.values() if m.lowrank_U is not None})
+        print(f"the quantized model has a float branch (rank {', '.join(map(str, ranks))}) in "
+              f"{sum(m.lowrank_U is not None for m in trained.values())} low-bit layers: it trains there in place of a "
+              f"rank-{args.lora_rank} LoRA (which the other layers still get)")
     held_out_seed = args.seed + HELD_OUT_SEED_OFFSET
     if rank == 0:  # the report's figure: one process computes it
         mse_before = eps_mse(fp_model, qmodel, ddim, args.eval_samples, args.batch_size, held_out_seed, guidance, device)

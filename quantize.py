@@ -6,6 +6,14 @@ and sample.py read, and a per-layer report (JSON) beside it.
     python quantize.py --wbits 2 --abits 4 --method uniform     # the EfficientDM-style baseline
     python quantize.py --ckpt model.ckpt --config cin256-v2 --guidance 3.0 --calib-samples 256
     python quantize.py --wbits 2 --abits 4 --lowrank 4          # + a float rank-4 branch per layer (LoftQ)
+    python quantize.py --wbits 2 --abits 4 --lowrank-budget 3.5 # branches where they pay, 3.5 bits per weight in all
+
+--lowrank-budget B gives each low-bit layer the branch rank (0, 1, 2, 4, ... --lowrank-max) that a
+budget of B stored bits per weight of the UNet (models/core/bits.py: every overhead counted) buys best:
+each layer is calibrated at every rank, and ranks are given greedily, the largest fall in the layer's
+relative output error (its output MSE over the FP output's mean square: raw errors scale with each
+layer's output, not with its effect) per added bit first (models/core/lowrank.py: allocate_ranks).
+The chosen ranks are in settings and in <out>.json.
 
 Calibration: --calib-samples trajectories (random classes, guidance as in sampling) are run with
 the full-precision model; the UNet inputs (x_t, t, context) of every step are kept, then each layer's
@@ -13,6 +21,7 @@ inputs are recorded from them, --calib-keep samples per step, a group of layers 
 at most --calib-mem-gb of activations are held.
 """
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -26,7 +35,8 @@ from models.cli import (add_trust_flag, check_device, check_finite, check_output
 from models.checkpoint import fp_reference, load_fp_model, quant_checkpoint, write_packed
 from models.files import save_with_report
 from models.diffusion import DDIM
-from models.core.bits import BITS_COUNT, stored_bits
+from models.core.bits import BITS_COUNT, layer_bits, stored_bits
+from models.core.lowrank import allocate_ranks
 from models.digits import DEFAULT_CHECKPOINT
 from models.qmodel import build_quant_model
 from models.core.quant import quant_layers, refresh_weights
@@ -57,6 +67,9 @@ def main(argv=None):
                         help="svd: the branch is the smoothed weight's top R singular directions; loftq: then --lowrank-rounds "
                              "rounds of refitting it to the residual's quantization error (each kept only if it helps)")
     parser.add_argument("--lowrank-rounds", type=positive_int, default=5, help="LoftQ rounds (--lowrank-init loftq)")
+    parser.add_argument("--lowrank-budget", type=positive_float, default=None,
+                        help="stored bits per weight of the UNet, every overhead counted: branch ranks per layer within it")
+    parser.add_argument("--lowrank-max", type=positive_int, default=8, help="--lowrank-budget: the largest rank a layer gets")
     parser.add_argument("--steps", type=positive_int, default=20, help="DDIM steps the quantized model will sample with")
     parser.add_argument("--eta", type=nonneg_float, default=0.0)
     parser.add_argument("--guidance", type=finite_float, default=2.0, help="classifier-free guidance of the trajectories")
@@ -81,6 +94,8 @@ def main(argv=None):
         parser.error(f"--abits must be 2..8, got {args.abits}")
     if args.lowrank < 0:
         parser.error(f"--lowrank must be 0 (no branch) or a rank, got {args.lowrank}")
+    if args.lowrank and args.lowrank_budget is not None:
+        parser.error("--lowrank gives every layer one rank, --lowrank-budget chooses ranks per layer: pass one of them")
     if args.group_frac > 0.5:
         parser.error(f"--group-frac must be in (0, 0.5] (n+1 and n-1 channels come in pairs), got {args.group_frac}")
     check_steps(parser, args.steps)
@@ -121,14 +136,51 @@ def main(argv=None):
     groups = calibration_groups(model, calib, list(qlayers), args.calib_mem_gb * 2 ** 30, device)
     print(f"recording the layers' inputs in {len(groups)} group{'s' * (len(groups) > 1)} within --calib-mem-gb {args.calib_mem_gb:g}")
     bar = tqdm(total=len(qlayers), desc=f"calibrate ({args.method}, W{args.wbits}A{args.abits})")
+    ladder = sorted({min(2 ** i, args.lowrank_max) for i in range(args.lowrank_max.bit_length())})  # 1, 2, 4, ..., max
+    candidates, calibrated = {}, {}  # --lowrank-budget: per layer {rank: (relative error, branch bits)}, and its states
     for name, inputs in layer_inputs(model, calib, groups, device):
         t_layer = time.time()
-        report[name] = calibrate_layer(qlayers[name], inputs, args.method, smooth_alphas, args.group_frac, random_channels,
-                                       lowrank)
+        q = qlayers[name]
+        fresh = copy.deepcopy(q) if args.lowrank_budget is not None and q.mode == "quant" else None
+        draws = random_channels.get_state()  # every rank of a layer draws --method random's channels alike
+        report[name] = calibrate_layer(q, inputs, args.method, smooth_alphas, args.group_frac, random_channels, lowrank)
+        if fresh is not None:
+            with torch.no_grad():
+                energy = sum(fresh.layer(x).pow(2).sum().item() for x in inputs.values()) / sum(
+                    fresh.layer(x).numel() for x in inputs.values())
+            stored = lambda m: sum(v for k, v in layer_bits(m).items() if k != "weights")  # noqa: E731
+            candidates[name] = {0: (report[name]["mse_chosen"] / energy, 0)}
+            for r in [r for r in ladder if r <= min(q.layer.weight.shape[0], q.layer.weight[0].numel())]:
+                t = copy.deepcopy(fresh)
+                t.add_lowrank(r)
+                rep = calibrate_layer(t, inputs, args.method, smooth_alphas, args.group_frac,
+                                      torch.Generator().set_state(draws), (r, args.lowrank_init, args.lowrank_rounds))
+                candidates[name][r] = (rep["mse_chosen"] / energy, stored(t) - stored(q))  # its smoothing's bits too
+                calibrated[name, r] = (t.state_dict(), rep)
         report[name]["seconds"] = time.time() - t_layer
         del inputs
         bar.update()
     bar.close()
+    if args.lowrank_budget is not None:  # the ranks the budget buys best, then each layer at its rank
+        base = stored_bits(qmodel.unet)
+        budget = args.lowrank_budget * base["weights"] - base["bits"]
+        if budget < 0:
+            parser.error(f"--lowrank-budget {args.lowrank_budget:g} is below what the model stores without a branch, "
+                         f"{base['bits_per_weight']:.3f} bits per weight")
+        ranks, _ = allocate_ranks(candidates, budget)
+        ranks = {n: r for n, r in ranks.items() if r}
+        for n, r in ranks.items():
+            qlayers[n].add_lowrank(r)
+            qlayers[n].load_state_dict(calibrated[n, r][0])
+            report[n] = dict(calibrated[n, r][1], seconds=report[n]["seconds"])
+        for n, options in candidates.items():
+            report[n]["lowrank_candidates"] = {str(r): dict(relative_error=e, added_bits=b) for r, (e, b) in options.items()}
+        settings.update(lowrank=ranks, lowrank_init=args.lowrank_init, lowrank_rounds=args.lowrank_rounds,
+                        lowrank_budget=args.lowrank_budget, lowrank_max=args.lowrank_max)
+        qmodel.quant_settings = dict(settings)
+        del calibrated
+        print(f"--lowrank-budget {args.lowrank_budget:g}: a branch in {len(ranks)} of {len(candidates)} low-bit layers "
+              f"(ranks {', '.join(f'{r}: {list(ranks.values()).count(r)}' for r in sorted(set(ranks.values())))})")
     refresh_weights(qmodel.unet)
 
     # ---- 3. check: one-step eps MSE against FP on held-out trajectories (another seed)
@@ -155,7 +207,7 @@ def main(argv=None):
     bpw = bits.pop("bits_per_weight")
     print(f"stored: {bpw:.3f} bits per weight of the UNet's {bits['weights']:,} conv/linear weights (codes "
           f"{bits['codes'] / bits['weights']:.3f}, quantizer parameters {bits['quantizer'] / bits['weights']:.3f}"
-          + (f", float16 rank-{args.lowrank} branch {bits['branch'] / bits['weights']:.3f}" if args.lowrank else "") + ")")
+          + (f", float16 branch {bits['branch'] / bits['weights']:.3f}" if bits["branch"] else "") + ")")
     print(f"eps MSE vs FP over {ddim.steps} steps on {args.eval_samples} held-out trajectories: {mse:.5f}")
     elapsed = time.time() - t_start
     ckpt = quant_checkpoint(qmodel.cpu(), fp_reference(model.cpu(), args.ckpt, args.config), report=report, eps_mse=mse,

@@ -5,7 +5,8 @@ checkpoint load, the packed load and the benchmarks all call it).
 Settings: one dict, made by quantize.py, stored whole in every quantized and packed checkpoint and
 read back whole, on the model as `model.quant_settings`. Building needs wbits, abits, steps,
 quantize_all and quantize_conv1d, and lowrank (the rank of the float branch of every low-bit layer,
-models/core/lowrank.py; 0 or missing: none); the rest (eta, guidance, method, calibration settings) say how the
+models/core/lowrank.py, or {layer name: rank} for ranks chosen per layer by quantize.py --lowrank-budget;
+0, missing or a layer not named: none); the rest (eta, guidance, method, calibration settings) say how the
 model was made and how it is to be sampled.
 """
 import copy
@@ -57,8 +58,10 @@ def build_quant_model(fp_model, settings):
     n_steps = len(ddim_timesteps(settings["steps"], qmodel.config["schedule"]["timesteps"]))
     layers = wrap_unet(qmodel.unet, settings["wbits"], settings["abits"], n_steps, settings["quantize_all"],
                        settings.get("quantize_conv1d", True))
-    for q in layers.values():
-        if q.mode == "quant" and settings.get("lowrank", 0):  # the branch sits beside the low-bit layers only
-            q.add_lowrank(settings["lowrank"])
+    lowrank = settings.get("lowrank") or 0
+    for name, q in layers.items():
+        rank = lowrank.get(name, 0) if isinstance(lowrank, dict) else lowrank  # a rank per layer, or one for all
+        if q.mode == "quant" and rank:  # the branch sits beside the low-bit layers only
+            q.add_lowrank(rank)
     qmodel.quant_settings = dict(settings)
     return qmodel

@@ -3,6 +3,7 @@ is the layer it replaces; LoftQ rounds never make the weight error worse; calibr
 residual with the branch in place; --lowrank 0 is today's model; distill.py trains the branch; the
 packed and int8 paths carry it."""
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from models.core.allocate import _set_branch, calibrate_layer, channel_errors
 from models.checkpoint import load_packed_model, load_quant_model
 from models.int8 import Int8Layer, int8_unavailable
-from models.core.lowrank import lowrank_split, weight_error
+from models.core.lowrank import allocate_ranks, lowrank_split, weight_error
 from models.core.quant import QuantLayer, branch_forward, quant_layers, range_search
 from tests.conftest import QUICK, run_script
 
@@ -128,7 +129,7 @@ def test_calibration_scores_the_residual_with_the_branch_in_place(kind):
 def lowrank_ckpt(fp_ckpt, tmp_path_factory):
     path = tmp_path_factory.mktemp("lowrank") / "lr.pt"
     proc = run_script("quantize.py", "--ckpt", fp_ckpt, "--out", path, "--lowrank", 3, "--pack", *QUICK)
-    assert "float16 rank-3 branch" in proc.stdout
+    assert "float16 branch" in proc.stdout
     return path
 
 
@@ -158,7 +159,7 @@ def test_distill_trains_the_branch_and_keeps_it_beside_the_weights(lowrank_ckpt,
     out = tmp_path / "d.pt"
     proc = run_script("distill.py", "--qckpt", lowrank_ckpt, "--iters", 1, "--batch-size", 4, "--eval-samples", 4,
                       "--lr-mult", 64, "--out", out, "--pack")
-    assert "rank-3 float branch" in proc.stdout
+    assert "float branch (rank 3)" in proc.stdout
     _, before, _ = load_quant_model(lowrank_ckpt)
     _, after, _ = load_quant_model(out)
     lb, la = quant_layers(before.unet), quant_layers(after.unet)
@@ -237,3 +238,48 @@ def test_official_layer_policy_puts_the_branch_on_the_low_bit_layers_only(name):
         assert sum(isinstance(m.layer, nn.Conv1d) for m in branched.values()) == extra
         for m in branched.values():
             assert m.lowrank_U.shape == (m.layer.weight.shape[0], 8) and m.lowrank_V.shape == (8, m.layer.weight[0].numel())
+
+
+def test_allocate_ranks_buys_the_most_error_per_bit_within_the_budget():
+    candidates = {
+        "a": {0: (1.0, 0), 1: (0.5, 100), 2: (0.4, 200)},    # 0.005 per bit, then 0.001
+        "b": {0: (1.0, 0), 1: (0.9, 100), 2: (0.2, 200)},    # rank 2 at once: 0.004 per bit
+        "c": {0: (1.0, 0), 1: (1.0, 100)},                   # no gain: never bought
+        "d": {0: (1.0, 0), 1: (0.95, -16)},                  # a gain for fewer bits: bought first
+    }
+    assert allocate_ranks(candidates, 300) == ({"a": 1, "b": 2, "c": 0, "d": 1}, 284)
+    assert allocate_ranks(candidates, 150) == ({"a": 1, "b": 0, "c": 0, "d": 1}, 84)
+    assert allocate_ranks(candidates, 0) == ({"a": 0, "b": 0, "c": 0, "d": 1}, -16)
+    ranks, spent = allocate_ranks(candidates, 10_000)  # everything that helps, nothing that does not
+    assert ranks == {"a": 2, "b": 2, "c": 0, "d": 1} and spent == 384
+
+
+def test_lowrank_budget_gives_mixed_ranks_within_the_budget_end_to_end(fp_ckpt, quant_ckpts, tmp_path):
+    """quantize.py --lowrank-budget: ranks per layer (some 0), the stored bits within the budget; the model
+    loads, distils and samples in float, int8 and packed form with its mixed ranks."""
+    base = json.loads(quant_ckpts["omq"].with_suffix(".json").read_text())["bits_per_weight"]
+    budget = base + 0.3
+    out = tmp_path / "b.pt"
+    flags = ["--ckpt", fp_ckpt, "--lowrank-max", 2, "--lowrank-init", "svd", *QUICK]
+    proc = run_script("quantize.py", *flags, "--lowrank-budget", f"{budget:.4f}", "--out", out, "--pack")
+    report = json.loads(out.with_suffix(".json").read_text())
+    ranks = report["settings"]["lowrank"]
+    low = [n for n, r in report["layers"].items() if r["mode"] == "quant"]
+    assert set(ranks.values()) <= {1, 2} and 0 < len(ranks) < len(low)  # mixed: some layers without a branch
+    assert base < report["bits_per_weight"] <= budget + 1e-9
+    assert all("lowrank_candidates" in report["layers"][n] for n in low)
+    assert "a branch in" in proc.stdout
+    _, q, _ = load_quant_model(out)
+    got = {n: m.lowrank_U.shape[1] for n, m in quant_layers(q.unet).items() if m.lowrank_U is not None}
+    assert got == ranks
+    packed, _ = load_packed_model(out.with_suffix(".packed.pt"))
+    assert {n: m.lowrank_U.shape[1] for n, m in quant_layers(packed.unet).items() if m.lowrank_U is not None} == ranks
+    run_script("distill.py", "--qckpt", out, "--iters", 1, "--batch-size", 4, "--eval-samples", 4, "--out", tmp_path / "d.pt")
+    for ckpt, kernels in ((tmp_path / "d.pt", "float"), (out.with_suffix(".packed.pt"), "float"), (out, "int8")):
+        run_script("sample.py", "--ckpt", ckpt, "--num-images", 4, "--kernels", kernels, "--no-png",
+                   "--out", tmp_path / f"s_{ckpt.stem}_{kernels}")
+    # a budget below the model without a branch, and --lowrank with it, are refused
+    proc = run_script("quantize.py", *flags, "--lowrank-budget", 1.0, "--out", tmp_path / "low.pt", check=False)
+    assert proc.returncode == 2 and "below what the model stores without a branch" in proc.stderr
+    proc = run_script("quantize.py", *flags, "--lowrank-budget", 9, "--lowrank", 2, "--out", tmp_path / "x.pt", check=False)
+    assert proc.returncode == 2 and "pass one of them" in proc.stderr

@@ -64,3 +64,27 @@ def lowrank_split(w, rank, bits, init="svd", rounds=1):
         u, v = u2, v2
         errors.append(e)
     return u.float(), v.float(), errors
+
+
+def allocate_ranks(candidates, budget):
+    """Per-layer branch ranks within a budget of bits. candidates: {layer: {rank: (error, bits)}}, each layer's
+    calibration output error and the bits it stores beyond rank 0's at each rank it may take (rank 0: no
+    branch, 0 bits).
+    Greedy by marginal value: from every layer at rank 0, repeatedly take the upgrade (one layer to any higher
+    rank) with the largest fall in error per added bit that still fits, until none fits or none lowers the
+    error. Returns ({layer: rank}, bits spent)."""
+    ranks = {layer: 0 for layer in candidates}
+    spent = 0
+    while True:
+        best = None
+        for layer, options in candidates.items():
+            err0, bits0 = options[ranks[layer]]
+            for r, (err, bits) in options.items():
+                gain, cost = err0 - err, bits - bits0
+                value = gain / cost if cost > 0 else float("inf")  # a rank that costs nothing more (or less)
+                if r > ranks[layer] and gain > 0 and spent + cost <= budget and (best is None or value > best[0]):
+                    best = (value, layer, r, cost)
+        if best is None:
+            return ranks, spent
+        _, layer, r, cost = best
+        ranks[layer], spent = r, spent + cost
