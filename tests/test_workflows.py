@@ -28,14 +28,16 @@ def test_unguided_workflow_quantize_distill_sample(tmp_path):
             if p.dim() > 1:
                 p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
     save_atomic(fp_checkpoint(model), tmp_path / "fp.pt")
-    run_script("quantize.py", "--ckpt", tmp_path / "fp.pt", "--out", tmp_path / "q.pt", *QUICK)
+    # each script in a process of its own, as a user runs them (the rest of the suite runs them in the test
+    # process): what a fresh interpreter imports and starts with is enough
+    run_script("quantize.py", "--ckpt", tmp_path / "fp.pt", "--out", tmp_path / "q.pt", *QUICK, isolated=True)
     out = run_script("distill.py", "--qckpt", tmp_path / "q.pt", "--out", tmp_path / "d.pt", "--iters", 2,
-                     "--batch-size", 2, "--eval-samples", 2, "--lora-rank", 2).stdout
+                     "--batch-size", 2, "--eval-samples", 2, "--lora-rank", 2, isolated=True).stdout
     report = json.loads((tmp_path / "d.json").read_text())
     # no guidance: the MSE covers the one UNet output, so --lam auto has no factor 2 (100 x feature HW / eps CHW)
     assert report["distill"]["lam"] == 100.0 * 8 * 8 / (3 * 8 * 8)
     assert "eps MSE vs FP" in out
-    run_script("sample.py", "--ckpt", tmp_path / "d.pt", "--num-images", 5, "--out", tmp_path / "s")
+    run_script("sample.py", "--ckpt", tmp_path / "d.pt", "--num-images", 5, "--out", tmp_path / "s", isolated=True)
     samples = np.load(tmp_path / "s" / "samples.npz")
     assert samples["arr_0"].shape == (5, 8, 8, 3) and (samples["labels"] == -1).all()
     assert samples["arr_0"].std() > 0
