@@ -28,6 +28,9 @@ Cells (method = how the weights are quantized, distillation = what fine-tunes th
   distillation trains in place of the cold-start LoRA:
     ptq_lrR   uniform bits + branch, no distillation   baseline_lrR  the baseline + branch
     mpqdm_lrR MPQ-DM + branch
+  float branches with a rank per layer, within B stored bits per weight in all (quantize.py --lowrank-budget B,
+  models/core/bits.py's count):
+    ptq_bpwB, baseline_bpwB, mpqdm_bpwB   as the _lrR cells, e.g. baseline_bpw3.6
   TRD at another relation-loss weight (distill.py --lam L; the other TRD cells use --lam auto, the
   official weighting, 200 here):
     trd_lamL  TRD only at weight L                     mpqdm_lamL    MPQ-DM at weight L
@@ -155,7 +158,7 @@ def main(argv=None):
                      f"another --out")
     for r in list(results["runs"].values()) + list(results["search"].values()):  # the tables show every run kept
         folder.register(r["cell"])
-    if any("_lr" in c for c in CELLS):  # one branch init per --out: the cells' names do not carry it
+    if any("_lr" in c or "_bpw" in c for c in CELLS):  # one branch init per --out: the cells' names do not carry it
         if results.setdefault("lowrank_init", args.lowrank_init) != args.lowrank_init:
             parser.error(f"{results_path} holds low-rank cells with --lowrank-init {results['lowrank_init']}; pass that, "
                          f"or use another --out")
@@ -482,7 +485,7 @@ def budget_table(args, folder, runs, main):
 
 def lowrank_table(args, folder, main, chosen):
     """Each low-rank cell against its cold start: the same cell without the branch, same seed."""
-    lowrank_rows = [c for c in dict.fromkeys(r["cell"] for r in main) if "_lr" in c]
+    lowrank_rows = [c for c in dict.fromkeys(r["cell"] for r in main) if "_lr" in c or "_bpw" in c]
     if not lowrank_rows:
         return []
     md = ["", "The float low-rank branch against the cold start (the same cell without it; paired per training seed "
@@ -491,7 +494,7 @@ def lowrank_table(args, folder, main, chosen):
           "|---|---|---|---|---|---|"]
     for n in sorted({r["wbits"] for r in main if r["wbits"]}):
         for c in lowrank_rows:
-            cold = c.partition("_lr")[0]
+            cold = c.partition("_lr")[0].partition("_bpw")[0]
             mine = {r["train_seed"]: r for r in main if r["cell"] == c and r["wbits"] == n
                     and (r["lr_mult"] or 0) == (chosen.get((c, n)) or 0)}
             base = {r["train_seed"]: r for r in main if r["cell"] == cold and r["wbits"] == n

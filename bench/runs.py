@@ -48,14 +48,24 @@ class RunFolder:
         self.results_path = self.out / "results.json"
 
     def register(self, c):
-        """Adds a low-rank cell (ptq_lrR, baseline_lrR, mpqdm_lrR: its rank in its name) or a relation-weight
-        cell (trd_lamL, mpqdm_lamL: its weight in its name); False if c names no cell."""
+        """Adds a low-rank cell (ptq_lrR, baseline_lrR, mpqdm_lrR: its rank in its name), a budgeted-branch cell
+        (ptq_bpwB, baseline_bpwB, mpqdm_bpwB: quantize.py --lowrank-budget B, B stored bits per weight in all) or
+        a relation-weight cell (trd_lamL, mpqdm_lamL: its weight in its name); False if c names no cell."""
         if c in self.cells:
             return True
         base, _, lam = c.partition("_lam")
         if base in ("trd", "mpqdm") and re.fullmatch(r"\d+(\.\d+)?", lam) and float(lam) > 0:
             self.cells[c] = (self.cells[base][0], f"on:{float(lam):g}")
             self.names[c] = f"{self.names[base].split(' (')[0]}, relation weight {float(lam):g}"
+            return True
+        base, _, budget = c.partition("_bpw")
+        if base in ("ptq", "baseline", "mpqdm") and re.fullmatch(r"\d+(\.\d+)?", budget) and float(budget) > 0:
+            variant = f"{self.cells[base][0]}_bpw{float(budget):g}"
+            self.quant[variant] = self.quant[self.cells[base][0]] + ["--lowrank-budget", f"{float(budget):g}",
+                                                                     "--lowrank-init", self.lowrank_init]
+            self.cells[c] = (variant, self.cells[base][1])
+            self.names[c] = (f"{self.names[base].split(' (')[0]} + branches within {float(budget):g} bits per weight"
+                             + (" (no distillation)" if base == "ptq" else ""))
             return True
         base, _, rank = c.partition("_lr")
         if rank.isdigit() and int(rank) > 0 and base in ("ptq", "baseline", "mpqdm"):

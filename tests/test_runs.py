@@ -157,3 +157,19 @@ def test_verdicts_read_each_model_at_its_own_choice_and_say_holds_flips_or_unres
     assert V.verdict(up, up) == "holds" and V.verdict(up, down) == "flips"
     assert V.verdict(up, level) == "unresolved on the second" and V.verdict(level, down) == "unresolved on the first"
     assert V.verdict(None, up) == "not run"
+
+
+def test_budgeted_branch_cells_pass_their_budget_to_quantize(tmp_path):
+    """baseline_bpwB, mpqdm_bpwB, ptq_bpwB: quantize.py --lowrank-budget B, the cell's distillation unchanged;
+    two budgets never share a file."""
+    folder = R.RunFolder(tmp_path, lowrank_init="svd")
+    for c in ("baseline_bpw3.6", "mpqdm_bpw4", "ptq_bpw3.6"):
+        assert folder.register(c), c
+    variant, trd = folder.cells["baseline_bpw3.6"]
+    assert folder.quant[variant] == ["--method", "uniform", "--lowrank-budget", "3.6", "--lowrank-init", "svd"] and trd == "off"
+    assert folder.quant[folder.cells["mpqdm_bpw4"][0]][:2] == ["--method", "omq"] and folder.cells["mpqdm_bpw4"][1] == "on"
+    assert folder.cells["ptq_bpw3.6"][1] is None
+    assert folder.distill_path("baseline_bpw3.6", 2, 0, 32, 40) != folder.distill_path("baseline", 2, 0, 32, 40)
+    assert folder.quant_path(folder.cells["ptq_bpw3.6"][0], 2, 0) == folder.quant_path(variant, 2, 0)  # PTQ is its start
+    for bad in ("fp_bpw3", "baseline_bpw0", "trd_bpw3", "baseline_bpwx"):
+        assert not folder.register(bad), bad
