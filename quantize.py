@@ -137,7 +137,8 @@ def main(argv=None):
     print(f"recording the layers' inputs in {len(groups)} group{'s' * (len(groups) > 1)} within --calib-mem-gb {args.calib_mem_gb:g}")
     bar = tqdm(total=len(qlayers), desc=f"calibrate ({args.method}, W{args.wbits}A{args.abits})")
     ladder = sorted({min(2 ** i, args.lowrank_max) for i in range(args.lowrank_max.bit_length())})  # 1, 2, 4, ..., max
-    candidates, calibrated = {}, {}  # --lowrank-budget: per layer {rank: (relative error, branch bits)}, and its states
+    candidates, calibrated = {}, {}  # --lowrank-budget: per layer {rank: (relative error, added bits)}, and its states
+    stored = lambda m: sum(v for k, v in layer_bits(m).items() if k != "weights")  # noqa: E731  a layer's stored bits
     for name, inputs in layer_inputs(model, calib, groups, device):
         t_layer = time.time()
         q = qlayers[name]
@@ -145,10 +146,10 @@ def main(argv=None):
         draws = random_channels.get_state()  # every rank of a layer draws --method random's channels alike
         report[name] = calibrate_layer(q, inputs, args.method, smooth_alphas, args.group_frac, random_channels, lowrank)
         if fresh is not None:
-            with torch.no_grad():
-                energy = sum(fresh.layer(x).pow(2).sum().item() for x in inputs.values()) / sum(
-                    fresh.layer(x).numel() for x in inputs.values())
-            stored = lambda m: sum(v for k, v in layer_bits(m).items() if k != "weights")  # noqa: E731
+            with torch.no_grad():  # the FP output's mean square over the calibration inputs
+                outputs = [fresh.layer(x) for x in inputs.values()]
+                energy = sum(y.pow(2).sum().item() for y in outputs) / sum(y.numel() for y in outputs)
+                del outputs
             candidates[name] = {0: (report[name]["mse_chosen"] / energy, 0)}
             for r in [r for r in ladder if r <= min(q.layer.weight.shape[0], q.layer.weight[0].numel())]:
                 t = copy.deepcopy(fresh)
