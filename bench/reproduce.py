@@ -2,7 +2,8 @@
 (quantize.py -> distill.py -> sample.py -> evaluate.py), over several training seeds, with a shared
 learning-rate search for every arm, controls of OMQ's parts and a training-budget curve. Writes
 Markdown tables, a JSON file holding every run's figures, the fidelity-over-updates curve as a PNG and the sample
-grids side by side. Finished runs are kept in the JSON and skipped (delete --out to start over).
+grids side by side. Finished runs are kept in the JSON and skipped (delete --out to start over);
+--start-from copies committed results into a new --out, so that new cells pair with them.
 
     python bench/reproduce.py --bits 2 --cells fp,baseline,mpqdm --jobs 2        # the README's main job
     python bench/reproduce.py --sweep --jobs 2                                    # the W2A4 seed sweep
@@ -31,6 +32,8 @@ Cells (method = how the weights are quantized, distillation = what fine-tunes th
   float branches with a rank per layer, within B stored bits per weight in all (quantize.py --lowrank-budget B,
   models/core/bits.py's count):
     ptq_bpwB, baseline_bpwB, mpqdm_bpwB   as the _lrR cells, e.g. baseline_bpw3.6
+  any branch cell with _svd or _loftq appended (baseline_bpw3.6_svd) starts its branch so, whatever
+  --lowrank-init says for the others: one folder pairs the two starts.
   TRD at another relation-loss weight (distill.py --lam L; the other TRD cells use --lam auto, the
   official weighting, 200 here):
     trd_lamL  TRD only at weight L                     mpqdm_lamL    MPQ-DM at weight L
@@ -70,6 +73,7 @@ files were named by seed, every seed of a sweep read the first seed's trajectori
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -125,6 +129,10 @@ def main(argv=None):
     parser.add_argument("--budget-seeds", type=int, default=2, help="the first this many training seeds run the budget curve")
     parser.add_argument("--sweep", action="store_true",
                         help="the W2A4 seed sweep: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in SWEEP.items()))
+    parser.add_argument("--start-from", default=None,
+                        help="comma-separated results files (e.g. the committed bench/results/w<n>a<m>_sweep.json) to start a "
+                             "new --out from: their runs and searches are copied in with the per-image files beside them "
+                             "and are not rerun; the FP samples are made again (same seed, so the pairs stay pairs)")
     parser.add_argument("--jobs", type=int, default=1, help="stages run at once, one thread each when more than 1")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "reproduce")
     args = parser.parse_args(argv)
@@ -156,6 +164,12 @@ def main(argv=None):
     if results.setdefault("model", "digits" if results["runs"] or results["search"] else args.model) != args.model:
         parser.error(f"{results_path} holds runs of the {results['model']} model; pass --model {results['model']}, or use "
                      f"another --out")
+    if args.start_from:
+        try:
+            start_from(results, [Path(p) for p in args.start_from.split(",")], args)
+        except ValueError as e:
+            parser.error(str(e))
+        folder.save_results(results)
     for r in list(results["runs"].values()) + list(results["search"].values()):  # the tables show every run kept
         folder.register(r["cell"])
     if any("_lr" in c or "_bpw" in c for c in CELLS):  # one branch init per --out: the cells' names do not carry it
@@ -339,7 +353,14 @@ def main(argv=None):
         jobs.insert(0, fp_job)
     todo = [j for j in dict.fromkeys(jobs) if not done(j)]
     for j in [j for j in todo if j[0] == "fp"]:  # first: the reference of every other run
-        results["runs"][key(*j)] = sample_and_score(j)
+        kept, r = results["runs"].get(key(*j)), sample_and_score(j)
+        if kept and (kept["sample_seed"], kept["n_samples"]) == (r["sample_seed"], r["n_samples"]) and (
+                (kept["fid"], kept["sfid"]) != (r["fid"], r["sfid"])):  # the kept runs were paired with other FP images
+            raise SystemExit(f"the FP samples made again here differ from those the kept runs were scored against (FID "
+                             f"{r['fid']!r}, kept {kept['fid']!r}): another CPU or code rounds differently, and new runs would "
+                             f"not pair with the kept ones; start {args.out} without --start-from, or on the machine "
+                             f"that made them")
+        results["runs"][key(*j)] = r
         folder.save_results(results)
     # each run a chain (quantize -> distill -> sample and score), cell after cell in --cells order, each cell's
     # seeds together, so that both workers stay busy and a stopped sweep keeps whole rows (every seed of the
@@ -376,6 +397,39 @@ def main(argv=None):
     (args.out / "results.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     pictures(args, folder, results, runs, chosen, seeds, bits, cells)
+
+
+def start_from(results, paths, args):
+    """Copies the runs and searches of earlier results files (and their per-image files) into a new --out's
+    results; refuses what this --out would not have made: another model, --abits, branch start or rule."""
+    if results["runs"] or results["search"]:
+        raise ValueError(f"--start-from fills a new --out; {args.out / 'results.json'} already holds runs")
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"--start-from: no results file at {path}")
+        start = json.loads(path.read_text())
+        if start.get("format") != R.RESULTS_FORMAT:
+            raise ValueError(f"--start-from: {path} is not a results file of format {R.RESULTS_FORMAT}")
+        if start.get("model", "digits") != args.model:
+            raise ValueError(f"--start-from: {path} holds runs of the {start.get('model', 'digits')} model, not {args.model}")
+        if any(r.get("abits") not in (None, args.abits) for r in start["runs"].values()):
+            raise ValueError(f"--start-from: {path} holds runs at another activation width than --abits {args.abits}")
+        for k, mine in (("lowrank_init", args.lowrank_init), ("select_by", args.select_by)):
+            if start.get(k) and mine and start[k] != mine:
+                raise ValueError(f"--start-from: {path} was made with --{k.replace('_', '-')} {start[k]}, not {mine}")
+        for r in start["runs"].values():
+            if r.get("paired_file"):
+                if not (path.parent / r["paired_file"]).is_file():
+                    raise ValueError(f"--start-from: {path.parent / r['paired_file']}, a per-image file of {path}, is missing")
+                (args.out / r["paired_file"]).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path.parent / r["paired_file"], args.out / r["paired_file"])
+        for part in ("runs", "search"):
+            if clash := [k for k, r in start[part].items() if results[part].get(k, r) != r]:
+                raise ValueError(f"--start-from: {path} and an earlier file differ on {clash[0]}")
+            results[part].update(start[part])
+        for k in ("lowrank_init", "select_by"):
+            if k in start:
+                results.setdefault(k, start[k])
 
 
 HEADER = ["| setting | method | bits / weight | LoRA lr × | seeds | FID | FID vs FP | eps MSE vs FP | FID vs baseline (paired per seed) "

@@ -50,9 +50,19 @@ class RunFolder:
     def register(self, c):
         """Adds a low-rank cell (ptq_lrR, baseline_lrR, mpqdm_lrR: its rank in its name), a budgeted-branch cell
         (ptq_bpwB, baseline_bpwB, mpqdm_bpwB: quantize.py --lowrank-budget B, B stored bits per weight in all) or
-        a relation-weight cell (trd_lamL, mpqdm_lamL: its weight in its name); False if c names no cell."""
+        a relation-weight cell (trd_lamL, mpqdm_lamL: its weight in its name); False if c names no cell.
+        A branch cell's name may end in _svd or _loftq (baseline_bpw3.6_svd): its branch starts so, whatever the
+        folder's --lowrank-init, and its files are its own; so one folder pairs the two starts directly."""
         if c in self.cells:
             return True
+        for init in ("svd", "loftq"):
+            if c.endswith("_" + init) and ("_bpw" in c or "_lr" in c) and self.register(c[:-len(init) - 1]):
+                bare = c[:-len(init) - 1]
+                variant, trd = self.cells[bare]
+                self.quant[f"{variant}_{init}"] = self.quant[variant][:-1] + [init]  # its --lowrank-init replaced
+                self.cells[c] = (f"{variant}_{init}", trd)
+                self.names[c] = self.names[bare].replace(" branch", f" {'SVD' if init == 'svd' else 'LoftQ'}-started branch", 1)
+                return True
         base, _, lam = c.partition("_lam")
         if base in ("trd", "mpqdm") and re.fullmatch(r"\d+(\.\d+)?", lam) and float(lam) > 0:
             self.cells[c] = (self.cells[base][0], f"on:{float(lam):g}")
@@ -229,6 +239,19 @@ def in_seed_order(runs):
     """Runs in training-seed order: an interval must not depend on the order in which the runs finished
     (a resumed or parallel sweep stores them in any order)."""
     return sorted(runs, key=lambda r: r["train_seed"] or 0)
+
+
+def chosen_runs(results, cell, n, iters=40):
+    """A results file's reported runs of a cell at width n, in training-seed order, at the multiplier its
+    search chose (PTQ: no multiplier; a folder without a search: the one multiplier its runs have)."""
+    rs = [r for r in results["runs"].values() if r["cell"] == cell and r["wbits"] == n and r["iters"] in (None, iters)]
+    if any(r["lr_mult"] for r in rs):
+        mult = choose([r for r in results["search"].values() if (r["cell"], r["wbits"], r["iters"]) == (cell, n, iters)],
+                      results.get("select_by", "both"))
+        if mult is None and len({r["lr_mult"] for r in rs}) == 1:  # no search (reproduce.py --lr-mult): its one multiplier
+            mult = rs[0]["lr_mult"]
+        rs = [r for r in rs if r["lr_mult"] == mult]
+    return in_seed_order(rs)
 
 
 # ---- table cells

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.runs import RunFolder, choose, in_seed_order  # noqa: E402
+from bench.runs import RunFolder, chosen_runs  # noqa: E402
 from models.paired import format_interval, interval, resolved  # noqa: E402
 
 # (what the verdict says, width, arm, against): the digits model's verdicts (README, docs/results.md)
@@ -50,23 +50,10 @@ def load(spec):
     return name, RunFolder(paths[0].parent), results
 
 
-def arm_runs(folder, results, cell, n, iters=40):
-    """The cell's reported runs at width n, at the multiplier its search chose (PTQ: no multiplier; a folder
-    without a search: the one multiplier its runs have)."""
-    rs = [r for r in results["runs"].values() if r["cell"] == cell and r["wbits"] == n and r["iters"] in (None, iters)]
-    if any(r["lr_mult"] for r in rs):
-        mult = choose([r for r in results["search"].values() if (r["cell"], r["wbits"], r["iters"]) == (cell, n, iters)],
-                      results["select_by"])
-        if mult is None and len({r["lr_mult"] for r in rs}) == 1:  # no search (reproduce.py --lr-mult): its one multiplier
-            mult = rs[0]["lr_mult"]
-        rs = [r for r in rs if r["lr_mult"] == mult]
-    return in_seed_order(rs)
-
-
 def difference(folder, results, n, arm, base):
     """The paired PSNR difference arm - base (per training seed, image by image), or None if either is missing."""
-    a = {r["train_seed"]: folder.per_image(r, "psnr") for r in arm_runs(folder, results, arm, n)}
-    b = {r["train_seed"]: folder.per_image(r, "psnr") for r in arm_runs(folder, results, base, n)}
+    a = {r["train_seed"]: folder.per_image(r, "psnr") for r in chosen_runs(results, arm, n)}
+    b = {r["train_seed"]: folder.per_image(r, "psnr") for r in chosen_runs(results, base, n)}
     seeds = sorted(s for s in a if s in b and a[s] is not None and b[s] is not None)
     return interval([a[s] - b[s] for s in seeds]) if seeds else None
 

@@ -173,3 +173,20 @@ def test_budgeted_branch_cells_pass_their_budget_to_quantize(tmp_path):
     assert folder.quant_path(folder.cells["ptq_bpw3.6"][0], 2, 0) == folder.quant_path(variant, 2, 0)  # PTQ is its start
     for bad in ("fp_bpw3", "baseline_bpw0", "trd_bpw3", "baseline_bpwx"):
         assert not folder.register(bad), bad
+
+
+def test_a_branch_cell_can_name_its_start_and_keeps_its_own_files(tmp_path):
+    """baseline_bpw3.6_svd in a LoftQ folder: quantize.py --lowrank-init svd, files apart from
+    baseline_bpw3.6's; the suffix names no cell without a branch."""
+    folder = R.RunFolder(tmp_path, lowrank_init="loftq")
+    for c in ("baseline_bpw3.6_svd", "baseline_bpw3.6", "ptq_lr2_svd", "mpqdm_bpw4_loftq"):
+        assert folder.register(c), c
+    svd, loftq = folder.cells["baseline_bpw3.6_svd"][0], folder.cells["baseline_bpw3.6"][0]
+    assert folder.quant[svd] == ["--method", "uniform", "--lowrank-budget", "3.6", "--lowrank-init", "svd"]
+    assert folder.quant[loftq][-1] == "loftq" and folder.cells["baseline_bpw3.6_svd"][1] == "off"
+    assert folder.quant_path(svd, 2, 0) != folder.quant_path(loftq, 2, 0)
+    assert folder.distill_path("baseline_bpw3.6_svd", 2, 0, 32, 40) != folder.distill_path("baseline_bpw3.6", 2, 0, 32, 40)
+    assert folder.quant[folder.cells["ptq_lr2_svd"][0]] == ["--method", "uniform", "--lowrank", "2", "--lowrank-init", "svd"]
+    assert "SVD-started" in folder.names["baseline_bpw3.6_svd"]
+    for bad in ("baseline_svd", "mpqdm_lam20_svd", "fp_svd", "baseline_bpw3.6_qr"):
+        assert not folder.register(bad), bad
