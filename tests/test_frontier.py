@@ -165,3 +165,24 @@ def test_fp_samples_made_again_must_be_those_the_kept_runs_were_paired_with(tmp_
     (other / "results.json").write_text(json.dumps(data))
     proc = run_script("bench/reproduce.py", "--bits", 2, "--cells", "fp", "--num-images", 4, "--out", other, check=False)
     assert proc.returncode == 1 and "differ from those the kept runs were scored against" in proc.stderr
+
+
+def test_export_writes_one_file_per_width_that_a_new_folder_starts_from(tmp_path):
+    folder, results = frontier_folder(tmp_path)
+    to = tmp_path / "committed"
+    run_script("bench/export_results.py", "--out", folder.out, "--to", to)
+    w2, w3 = (json.loads((to / f"w{n}a4_sweep.json").read_text()) for n in (2, 3))
+    assert {r["wbits"] for r in w2["runs"].values()} == {2} and {r["wbits"] for r in w3["runs"].values()} == {3}
+    assert len(w2["runs"]) + len(w3["runs"]) == len(results["runs"]) and len(w2["search"]) == 2 and not w3["search"]
+    assert w2["model"] == "digits" and w2["select_by"] == "guided"
+    committed = R.RunFolder(to)
+    for k, r in results["runs"].items():
+        mine = (w2 if r["wbits"] == 2 else w3)["runs"][k]
+        assert mine["paired_file"].startswith("yardstick_paired/")
+        assert np.array_equal(committed.per_image(mine, "psnr"), folder.per_image(r, "psnr"))
+    proc = run_script("bench/export_results.py", "--out", folder.out, "--to", to, check=False)
+    assert proc.returncode == 2 and "already committed" in proc.stderr
+    out = tmp_path / "again"
+    run_script("bench/reproduce.py", "--start-from", f"{to / 'w2a4_sweep.json'},{to / 'w3a4_sweep.json'}", "--bits", 2,
+               "--cells", "baseline", "--plan", "--out", out)
+    assert json.loads((out / "results.json").read_text())["runs"].keys() == results["runs"].keys()
