@@ -76,6 +76,16 @@ def bits_of(folder, r, store):
     return store.get(recount_key(folder, r), {}).get("bits_per_weight")
 
 
+def branch(cell):
+    """A cell's branch in words: '-', 'rank R' or 'budget B' (its start where the name gives it)."""
+    bare, init = (cell.rsplit("_", 1) if cell.endswith(("_svd", "_loftq")) else (cell, ""))
+    if "_bpw" in bare:
+        return f"budget {bare.partition('_bpw')[2]}" + (f", {init}" if init else "")
+    if "_lr" in bare:
+        return f"rank {bare.partition('_lr')[2]}" + (f", {init}" if init else "")
+    return "-"
+
+
 def lines(folder, results, iters):
     """{label: [(cell, n)]}: each method's points, in order of bits."""
     cells = {(r["cell"], r["wbits"]) for r in results["runs"].values() if r.get("wbits")}
@@ -194,13 +204,12 @@ def main(argv=None):
     print(f"Frontier of the {model} model: PSNR vs the FP model's images, mean [95 % interval over training seeds and "
           f"images], each arm at its search's multiplier ({results['select_by']} eps MSE); ★ no point stores fewer or "
           f"as many bits and is closer.\n")
-    print("| method | codes | bits / weight | LoRA lr × | seeds | PSNR vs FP, dB |")
-    print("|---|---|---|---|---|---|")
+    print("| method | codes | branch | bits / weight | LoRA lr × | seeds | PSNR vs FP, dB |")
+    print("|---|---|---|---|---|---|---|")
     for label, pts in points.items():
         for p in sorted(pts, key=lambda p: p["bits"]):
-            print(f"| {label} | W{p['n']}A{folder.abits}{' + ' + p['cell'].partition('_')[2] if '_' in p['cell'] and label.find('branch') >= 0 else ''} "
-                  f"| {p['bits']:.2f} | {R.fmt(p['mult'], 'g')} | {','.join(map(str, p['seeds']))} | "
-                  f"{format_interval(p['psnr'], '.2f')}{' ★' if id(p) in best else ''} |")
+            print(f"| {label} | W{p['n']}A{folder.abits} | {branch(p['cell'])} | {p['bits']:.2f} | {R.fmt(p['mult'], 'g')} | "
+                  f"{','.join(map(str, p['seeds']))} | {format_interval(p['psnr'], '.2f')}{' ★' if id(p) in best else ''} |")
 
     # the goal (issue #52, item 4): branch points against the baselines, paired per seed and image
     print("\nBranch points against the baselines (paired per training seed and image, dB):\n")

@@ -63,15 +63,15 @@ def test_frontier_puts_each_arm_at_its_choice_and_its_stored_bits(tmp_path):
     proc = run_script("bench/frontier.py", "--results", folder.results_path, "--plot", tmp_path / "f.png")
     table = rows(proc.stdout)
     baseline = [r for r in table if r.startswith("| EfficientDM-style baseline | ")]
-    assert [r.split(" | ")[1:4] for r in baseline] == [["W2A4", "3.34", "64"], ["W3A4", "4.29", "128"]]
-    assert abs(float(baseline[0].split(" | ")[5].split()[0]) - 26.5) < 0.3  # the x64 runs, not the x32 ones (20 dB)
-    assert any(r.startswith("| OMQ only | W2A4 | 3.41 | 64 |") for r in table)  # the recount's mean over seeds
+    assert [r.split(" | ")[1:5] for r in baseline] == [["W2A4", "-", "3.34", "64"], ["W3A4", "-", "4.29", "128"]]
+    assert abs(float(baseline[0].split(" | ")[6].split()[0]) - 26.5) < 0.3  # the x64 runs, not the x32 ones (20 dB)
+    assert any(r.startswith("| OMQ only | W2A4 | - | 3.41 | 64 |") for r in table)  # the recount's mean over seeds
     budget = [r for r in table if "branches by budget on W2 codes (loftq)" in r]
-    assert [r.split(" | ")[2] for r in budget] == ["3.34", "3.60"]  # starts at the baseline without a branch
-    starred = {r.split(" | ")[0][2:] + " " + r.split(" | ")[1] for r in table if r.endswith("★ |")}
-    assert starred == {"EfficientDM-style baseline W2A4", "OMQ only W2A4", "EfficientDM-style baseline W3A4",
-                       "EfficientDM-style baseline + branches by budget on W2 codes (loftq) W2A4",  # its start: the baseline
-                       "EfficientDM-style baseline + branches by budget on W2 codes (loftq) W2A4 + bpw3.6"}  # PTQ: below
+    assert [r.split(" | ")[2:4] for r in budget] == [["-", "3.34"], ["budget 3.6", "3.60"]]  # from the baseline
+    starred = {r.split(" | ")[0][2:] + " " + r.split(" | ")[1] + " " + r.split(" | ")[2] for r in table if r.endswith("★ |")}
+    line = "EfficientDM-style baseline + branches by budget on W2 codes (loftq) W2A4"
+    assert starred == {"EfficientDM-style baseline W2A4 -", "OMQ only W2A4 -", "EfficientDM-style baseline W3A4 -",
+                       line + " -", line + " budget 3.6"}  # not PTQ: the baseline is closer at the same bits
     goal = [r for r in table if r.startswith("| W2A4 EfficientDM-style baseline + branches within 3.6")]
     assert len(goal) == 1  # within the W3A4 baseline's bits; 3.60 > 3.34 + 0.25, so not in the W2A4 row
     assert "W3A4 baseline (no more bits than) | 4.29 | -1.50 [-1.50, -1.50] |" in goal[0]  # 28.0 - 29.5, image by image
