@@ -14,6 +14,7 @@ prints the recounted eps MSE beside the recorded one, a check that it is the sam
 
     python bench/frontier.py --results runs/frontier_digits/results.json --recount \\
         --plot bench/results/frontier/digits.png
+    python bench/frontier.py --results bench/results/w2a4_sweep.json,bench/results/w3a4_sweep.json,...
 
 The goal rows (issue #52, item 4) pair the branch points with the baselines of the same seeds, image by
 image: the best branch point that stores no more than the W3A4 baseline against it, and the best that
@@ -43,7 +44,8 @@ def recount(folder, results, model, store):
     """Runs quantize.py for every run counted before models/core/bits.py whose key store lacks; saves
     store (a dict) to <folder>/recount.json after each."""
     path = folder.out / "recount.json"
-    todo = {recount_key(folder, r): r for r in results["runs"].values() if r.get("wbits") and r.get("bits_count", 1) < 2}
+    old = [r for r in results["runs"].values() if r.get("wbits") and r.get("bits_count", 1) < 2]
+    todo = {recount_key(folder, r): r for r in old}  # runs that share a quantized model share its count
     for k, r in sorted(todo.items()):
         if k in store:
             continue
@@ -64,8 +66,9 @@ def recount(folder, results, model, store):
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(store, indent=1, sort_keys=True))
         tmp.replace(path)
-    for k, r in sorted(todo.items()):
+    for r in old:
         if folder.cells[r["cell"]][1] is None and r.get("eps_mse") is not None:  # PTQ: the recorded eps MSE is quantize.py's
+            k = recount_key(folder, r)
             print(f"recount {k}: eps MSE {store[k]['eps_mse']:.5f} now, {r['eps_mse']:.5f} recorded")
 
 
@@ -166,23 +169,29 @@ def plot(points, path, size=(900, 520), margin=64, right=330):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", type=Path, required=True, help="a bench/reproduce.py --out's results.json")
+    parser.add_argument("--results", required=True,
+                        help="a bench/reproduce.py --out's results.json, or comma-separated results files of one folder "
+                             "(the committed w<n>a<m>_sweep.json)")
     parser.add_argument("--iters", type=int, default=40, help="distill.py --iters of the points (x 20 updates)")
     parser.add_argument("--recount", action="store_true",
                         help="run quantize.py for the runs counted before models/core/bits.py (kept in recount.json)")
     parser.add_argument("--plot", type=Path, default=None, help="write the frontier as a PNG here")
     args = parser.parse_args(argv)
-    if not args.results.is_file():
-        parser.error(f"no results file at {args.results}")
-    results = json.loads(args.results.read_text())
-    if results.get("format") != R.RESULTS_FORMAT:
-        parser.error(f"{args.results} is not a bench/reproduce.py results file of format {R.RESULTS_FORMAT}")
+    paths = [Path(p) for p in args.results.split(",")]
+    if len({p.parent for p in paths}) != 1:
+        parser.error("the results files must share one folder (their per-image files and recount.json are read from it)")
+    try:
+        results = R.merge_results(paths)
+    except ValueError as e:
+        parser.error(str(e))
     results.setdefault("select_by", "both")
     abits = {r["abits"] for r in results["runs"].values() if r.get("abits")}
-    folder = R.RunFolder(args.results.parent, abits.pop() if len(abits) == 1 else 4, results.get("lowrank_init", "loftq"))
+    if len(abits) > 1:
+        parser.error(f"the results hold runs at activation widths {sorted(abits)}; give one width's files")
+    folder = R.RunFolder(paths[0].parent, abits.pop() if abits else 4, results.get("lowrank_init", "loftq"))
     for r in list(results["runs"].values()) + list(results["search"].values()):
         folder.register(r["cell"])
-    model = results.get("model", "digits")
+    model = results["model"]
     store_path = folder.out / "recount.json"
     store = json.loads(store_path.read_text()) if store_path.is_file() else {}
     if args.recount:
@@ -198,7 +207,7 @@ def main(argv=None):
                 points.setdefault(label, []).append(dict(cell=c, n=n, bits=bits, psnr=interval(list(psnr.values())),
                                                          seeds=sorted(psnr), mult=rs[0]["lr_mult"]))
     if not points:
-        raise SystemExit(f"{args.results} holds no scored run with per-image figures")
+        raise SystemExit(f"{args.results}: no scored run with per-image figures")
     every = [p for pts in points.values() for p in pts]
     best = {id(p) for p in every if not any(q["bits"] <= p["bits"] and q["psnr"]["mean"] > p["psnr"]["mean"] for q in every)}
     print(f"Frontier of the {model} model: PSNR vs the FP model's images, mean [95 % interval over training seeds and "

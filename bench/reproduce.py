@@ -404,32 +404,25 @@ def start_from(results, paths, args):
     results; refuses what this --out would not have made: another model, --abits, branch start or rule."""
     if results["runs"] or results["search"]:
         raise ValueError(f"--start-from fills a new --out; {args.out / 'results.json'} already holds runs")
-    for path in paths:
-        if not path.is_file():
-            raise ValueError(f"--start-from: no results file at {path}")
-        start = json.loads(path.read_text())
-        if start.get("format") != R.RESULTS_FORMAT:
-            raise ValueError(f"--start-from: {path} is not a results file of format {R.RESULTS_FORMAT}")
-        if start.get("model", "digits") != args.model:
-            raise ValueError(f"--start-from: {path} holds runs of the {start.get('model', 'digits')} model, not {args.model}")
-        if any(r.get("abits") not in (None, args.abits) for r in start["runs"].values()):
-            raise ValueError(f"--start-from: {path} holds runs at another activation width than --abits {args.abits}")
-        for k, mine in (("lowrank_init", args.lowrank_init), ("select_by", args.select_by)):
-            if start.get(k) and mine and start[k] != mine:
-                raise ValueError(f"--start-from: {path} was made with --{k.replace('_', '-')} {start[k]}, not {mine}")
-        for r in start["runs"].values():
-            if r.get("paired_file"):
-                if not (path.parent / r["paired_file"]).is_file():
-                    raise ValueError(f"--start-from: {path.parent / r['paired_file']}, a per-image file of {path}, is missing")
-                (args.out / r["paired_file"]).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path.parent / r["paired_file"], args.out / r["paired_file"])
-        for part in ("runs", "search"):
-            if clash := [k for k, r in start[part].items() if results[part].get(k, r) != r]:
-                raise ValueError(f"--start-from: {path} and an earlier file differ on {clash[0]}")
-            results[part].update(start[part])
-        for k in ("lowrank_init", "select_by"):
-            if k in start:
-                results.setdefault(k, start[k])
+    try:
+        start = R.merge_results(paths)
+    except ValueError as e:
+        raise ValueError(f"--start-from: {e}")
+    if start["model"] != args.model:
+        raise ValueError(f"--start-from: the files hold runs of the {start['model']} model, not {args.model}")
+    if any(r.get("abits") not in (None, args.abits) for r in start["runs"].values()):
+        raise ValueError(f"--start-from: the files hold runs at another activation width than --abits {args.abits}")
+    for k, mine in (("lowrank_init", args.lowrank_init), ("select_by", args.select_by)):
+        if start.get(k) and mine and start[k] != mine:
+            raise ValueError(f"--start-from: the files were made with --{k.replace('_', '-')} {start[k]}, not {mine}")
+    for r in start["runs"].values():
+        if r.get("paired_file"):
+            source = next((p.parent / r["paired_file"] for p in paths if (p.parent / r["paired_file"]).is_file()), None)
+            if source is None:
+                raise ValueError(f"--start-from: {r['paired_file']}, a per-image file, is missing beside the files")
+            (args.out / r["paired_file"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, args.out / r["paired_file"])
+    results.update(start)
 
 
 HEADER = ["| setting | method | bits / weight | LoRA lr × | seeds | FID | FID vs FP | eps MSE vs FP | FID vs baseline (paired per seed) "

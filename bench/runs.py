@@ -156,6 +156,29 @@ class RunFolder:
         return cols
 
 
+def merge_results(paths):
+    """The results files (one --out's results.json, or the committed w<n>a<m>_sweep.json of one folder)
+    as one results dict: their runs and searches, and the settings they agree on (model, rule, branch
+    start). Raises ValueError for a missing file, another format, or two files that differ on a setting
+    or a run."""
+    merged = dict(format=RESULTS_FORMAT, runs={}, search={})
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ValueError(f"no results file at {path}")
+        part = json.loads(path.read_text())
+        if part.get("format") != RESULTS_FORMAT:
+            raise ValueError(f"{path} is not a bench/reproduce.py results file of format {RESULTS_FORMAT}")
+        part.setdefault("model", "digits")  # written since the photograph model; digits before it
+        for k in ("model", "select_by", "lowrank_init"):
+            if k in part and merged.setdefault(k, part[k]) != part[k]:
+                raise ValueError(f"{path} was made with {k} {part[k]}, an earlier file with {merged[k]}")
+        for k in ("runs", "search"):
+            if clash := [key for key, run in part[k].items() if merged[k].get(key, run) != run]:
+                raise ValueError(f"{path} and an earlier file differ on {clash[0]}")
+            merged[k].update(part[k])
+    return merged
+
+
 # ---- the driver's decisions
 def check_seed_roles(train_seeds, selection_seed, sample_seed):
     """Every role draws its trajectories or images (x_T, classes, noise) from the generators of its own

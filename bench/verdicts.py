@@ -10,12 +10,11 @@ A model's result files are bench/reproduce.py results (one --out's results.json,
 w<n>a<m>_sweep.json files of one folder); their per-image files are read from beside them.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.runs import RunFolder, chosen_runs  # noqa: E402
+from bench.runs import RunFolder, chosen_runs, merge_results  # noqa: E402
 from models.paired import format_interval, interval, resolved  # noqa: E402
 
 # (what the verdict says, width, arm, against): the digits model's verdicts (README, docs/results.md)
@@ -39,15 +38,10 @@ def load(spec):
     paths = [Path(p) for p in files.split(",")]
     if len({p.parent for p in paths}) != 1:
         raise SystemExit(f"error: {name}'s result files must share one folder (their per-image files are read from it)")
-    results = dict(runs={}, search={})
-    for p in paths:
-        if not p.is_file():
-            raise SystemExit(f"error: no results file at {p}")
-        r = json.loads(p.read_text())
-        results["runs"].update(r["runs"])
-        results["search"].update(r["search"])
-        results.setdefault("select_by", r.get("select_by", "both"))
-    return name, RunFolder(paths[0].parent), results
+    try:
+        return name, RunFolder(paths[0].parent), merge_results(paths)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
 
 
 def difference(folder, results, n, arm, base):

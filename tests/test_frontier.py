@@ -86,9 +86,10 @@ def test_frontier_refuses_what_is_not_a_results_file(tmp_path):
         F.main(["--results", str(tmp_path / "missing.json")])
 
 
-def test_recount_quantizes_each_old_run_once_with_its_flags_and_seed(tmp_path, monkeypatch):
+def test_recount_quantizes_each_old_run_once_with_its_flags_and_seed(tmp_path, monkeypatch, capsys):
     folder, results = frontier_folder(tmp_path)
     add_run(folder, results, "ptq", 4, 0, None, 27.0, count=1, eps_mse=0.05)
+    add_run(folder, results, "baseline", 4, 0, 64, 30.0, count=1, eps_mse=0.01)  # the same quantized model, distilled
     calls = []
 
     def quantize(cmd, **kw):  # stands in for quantize.py: writes its report
@@ -102,6 +103,7 @@ def test_recount_quantizes_each_old_run_once_with_its_flags_and_seed(tmp_path, m
     monkeypatch.setattr(F.subprocess, "run", quantize)
     store = {}
     F.recount(folder, results, "digits", store)
+    assert "recount w4a4_uniform_s0: eps MSE 0.05000 now, 0.05000 recorded" in capsys.readouterr().out
     assert sorted(store) == ["w2a4_omq_s0", "w2a4_omq_s1", "w2a4_omq_s2", "w4a4_uniform_s0"]
     omq1 = next(c for c in calls if "1" == c[c.index("--seed") + 1] and "omq" in c)
     assert omq1[omq1.index("--wbits") + 1] == "2" and omq1[omq1.index("--method") + 1] == "omq"
@@ -134,7 +136,7 @@ def test_start_from_copies_runs_and_their_per_image_files_and_refuses_a_mismatch
     folder = R.RunFolder(out)
     assert all(np.array_equal(folder.per_image(r, "psnr"), R.RunFolder(tmp_path / ("a" if r["wbits"] == 2 else "b"))
                               .per_image(r, "psnr")) for r in expected.values())
-    refusals = {"already holds runs": [w2], "holds runs of the photos model": [committed_like(tmp_path, "p", [], model="photos")]}
+    refusals = {"already holds runs": [w2], "runs of the photos model": [committed_like(tmp_path, "p", [], model="photos")]}
     clash = committed_like(tmp_path, "c", [("baseline", 2, 0)])
     data = json.loads(clash.read_text())
     next(iter(data["runs"].values()))["psnr_vs_fp"] = 1.0
