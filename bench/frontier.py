@@ -176,6 +176,9 @@ def main(argv=None):
     parser.add_argument("--recount", action="store_true",
                         help="run quantize.py for the runs counted before models/core/bits.py (kept in recount.json)")
     parser.add_argument("--plot", type=Path, default=None, help="write the frontier as a PNG here")
+    parser.add_argument("--plot-without", default="",
+                        help="comma-separated cells left out of the plot (not the table), e.g. ptq,ptq_lr2: far below "
+                             "the rest, they squeeze its scale")
     args = parser.parse_args(argv)
     paths = [Path(p) for p in args.results.split(",")]
     if len({p.parent for p in paths}) != 1:
@@ -236,7 +239,9 @@ def main(argv=None):
                   f"({what}) | {ref[1]:.2f} | {format_interval(diff, '+.2f') if diff else '-'} |")
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
-        plot(points, args.plot)
+        without = set(args.plot_without.split(","))
+        plot({label: kept for label, pts in points.items() if (kept := [p for p in pts if p["cell"] not in without])},
+             args.plot)
         print(f"\nwrote {args.plot}")
 
 
