@@ -24,6 +24,8 @@ VERDICTS = [
     ("TRD only against the baseline", 2, "trd", "baseline"),
     ("OMQ only against the baseline", 2, "omq", "baseline"),
     ("OMQ under TRD: MPQ-DM against TRD only", 2, "mpqdm", "trd"),
+    ("TRD under OMQ's bits: MPQ-DM against OMQ only", 2, "mpqdm", "omq"),
+    ("a tenth of the official relation weight against the official weight", 2, "tenth", "mpqdm"),
     ("a tenth of the official relation weight: MPQ-DM then against the baseline", 2, "tenth", "baseline"),
     ("the float rank-2 branch against the cold start", 2, "baseline_lr2", "baseline"),
     ("MPQ-DM against the baseline", 4, "mpqdm", "baseline"),
@@ -52,13 +54,15 @@ def difference(folder, results, n, arm, base):
     return interval([a[s] - b[s] for s in seeds]) if seeds else None
 
 
-def verdict(x, y):
+def verdict(x, y, names=("the first", "the second")):
+    """'holds' (both resolved, same sign), 'flips' (both resolved, opposite signs), 'unresolved on <name>'
+    (resolved on the other model only), 'unresolved on both', or 'not run'."""
     if x is None or y is None:
         return "not run"
     if resolved(x) and resolved(y):
         return "holds" if (x["mean"] > 0) == (y["mean"] > 0) else "flips"
     if resolved(x) or resolved(y):
-        return "unresolved on " + ("the second" if resolved(x) else "the first")
+        return "unresolved on " + (names[1] if resolved(x) else names[0])
     return "unresolved on both"
 
 
@@ -74,11 +78,12 @@ def main(argv=None):
     print(f"| setting | verdict | {models[0][0]}: PSNR difference, dB | {models[1][0]}: PSNR difference, dB | on both |")
     print("|---|---|---|---|---|")
     for what, n, arm, base in VERDICTS:
-        d = [difference(folder, results, n, tenth if arm == "tenth" else arm, base)
+        d = [difference(folder, results, n, *(tenth if c == "tenth" else c for c in (arm, base)))
              for (_, folder, results), tenth in zip(models, args.tenth)]
         cells = [format_interval(x, "+.2f") + (" **resolved**" if resolved(x) else "") if x else "not run" for x in d]
-        arms = arm if arm != "tenth" else "/".join(args.tenth)
-        print(f"| W{n}A4 | {what} ({arms} − {base}) | {cells[0]} | {cells[1]} | {verdict(*d)} |")
+        arms, bases = ("/".join(args.tenth) if c == "tenth" else c for c in (arm, base))
+        print(f"| W{n}A4 | {what} ({arms} − {bases}) | {cells[0]} | {cells[1]} | "
+              f"{verdict(*d, names=(models[0][0], models[1][0]))} |")
 
 
 if __name__ == "__main__":

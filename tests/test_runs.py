@@ -156,6 +156,7 @@ def test_verdicts_read_each_model_at_its_own_choice_and_say_holds_flips_or_unres
     up, down, level = (dict(mean=m, lo=lo, hi=hi) for m, lo, hi in ((0.5, 0.2, 0.8), (-0.4, -0.6, -0.1), (0.1, -0.2, 0.3)))
     assert V.verdict(up, up) == "holds" and V.verdict(up, down) == "flips"
     assert V.verdict(up, level) == "unresolved on the second" and V.verdict(level, down) == "unresolved on the first"
+    assert V.verdict(up, level, names=("digits", "photos")) == "unresolved on photos"
     assert V.verdict(None, up) == "not run"
 
 
