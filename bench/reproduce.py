@@ -71,6 +71,7 @@ files were named by seed, every seed of a sweep read the first seed's trajectori
 --jobs 1 run in the last float bits.
 """
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -354,9 +355,10 @@ def main(argv=None):
     todo = [j for j in dict.fromkeys(jobs) if not done(j)]
     for j in [j for j in todo if j[0] == "fp"]:  # first: the reference of every other run
         kept, r = results["runs"].get(key(*j)), sample_and_score(j)
-        if kept and (kept["sample_seed"], kept["n_samples"]) == (r["sample_seed"], r["n_samples"]) and (
-                (kept["fid"], kept["sfid"]) != (r["fid"], r["sfid"])):  # the kept runs were paired with other FP images
-            raise SystemExit(f"the FP samples made again here differ from those the kept runs were scored against (FID "
+        r["images_sha256"] = hashlib.sha256(np.load(folder.samples_dir(j) / "samples.npz")["arr_0"].tobytes()).hexdigest()
+        if kept and (kept["sample_seed"], kept["n_samples"]) == (r["sample_seed"], r["n_samples"]) and not R.same_images(kept, r):
+            (folder.samples_dir(j) / "samples.npz").unlink()  # else a rerun would take them as the kept run's
+            raise SystemExit(f"the FP samples made again here are not those the kept runs were scored against (FID "
                              f"{r['fid']!r}, kept {kept['fid']!r}): another CPU or code rounds differently, and new runs would "
                              f"not pair with the kept ones; start {args.out} without --start-from, or on the machine "
                              f"that made them")

@@ -258,6 +258,17 @@ def committed_choice(path, cell, n, iters, select_by=None):
     return choose(tried, rule), rule
 
 
+def same_images(kept, made):
+    """Whether FP samples made again are the ones a kept fp run scored: their digests where both runs
+    have one; for a run kept from before the digest, FID and sFID equal to 1e-8 relative. On the digits
+    model's 1,000 FP samples, evaluate.py's own float noise (another thread count) moved FID by 6e-10
+    relative, while one pixel moved by one step moved it by 2e-7: the tolerance admits the first and
+    refuses the second."""
+    if kept.get("images_sha256") and made.get("images_sha256"):
+        return kept["images_sha256"] == made["images_sha256"]
+    return all(abs(kept[k] - made[k]) <= 1e-8 * abs(kept[k]) for k in ("fid", "sfid"))
+
+
 def in_seed_order(runs):
     """Runs in training-seed order: an interval must not depend on the order in which the runs finished
     (a resumed or parallel sweep stores them in any order)."""

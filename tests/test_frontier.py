@@ -161,12 +161,26 @@ def test_fp_samples_made_again_must_be_those_the_kept_runs_were_paired_with(tmp_
     (again / "results.json").write_text((first / "results.json").read_text())
     run_script("bench/reproduce.py", "--bits", 2, "--cells", "fp", "--num-images", 4, "--out", again)  # the same images
     data = json.loads((first / "results.json").read_text())
-    data["runs"]["fp"]["fid"] += 1e-9
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "results.json").write_text(json.dumps(data))
-    proc = run_script("bench/reproduce.py", "--bits", 2, "--cells", "fp", "--num-images", 4, "--out", other, check=False)
-    assert proc.returncode == 1 and "differ from those the kept runs were scored against" in proc.stderr
+    assert len(data["runs"]["fp"]["images_sha256"]) == 64  # kept beside the run: later checks are exact
+    for name, change in (("digest", lambda fp: fp.update(images_sha256="0" * 64)),
+                         ("fid", lambda fp: (fp.pop("images_sha256"), fp.update(fid=fp["fid"] * (1 + 1e-7))))):
+        other = tmp_path / name
+        other.mkdir()
+        kept = json.loads(json.dumps(data))
+        change(kept["runs"]["fp"])
+        (other / "results.json").write_text(json.dumps(kept))
+        proc = run_script("bench/reproduce.py", "--bits", 2, "--cells", "fp", "--num-images", 4, "--out", other, check=False)
+        assert proc.returncode == 1 and "not those the kept runs were scored against" in proc.stderr, name
+        again = run_script("bench/reproduce.py", "--bits", 2, "--cells", "fp", "--num-images", 4, "--out", other, check=False)
+        assert again.returncode == 1, name  # a rerun checks again: the refused samples were not kept
+
+
+def test_same_images_takes_digests_first_and_float_noise_in_fid_only_without_them():
+    kept = dict(fid=28.30737545277225, sfid=0.9585905002925017)
+    assert R.same_images(kept, dict(fid=28.30737545251941, sfid=0.9585905002947896))  # metric noise: 1e-11 relative
+    assert not R.same_images(kept, dict(fid=28.30736982934468, sfid=0.9585912744950633))  # one pixel one step off
+    assert not R.same_images(dict(kept, images_sha256="a"), dict(kept, images_sha256="b"))  # same FID, other digest
+    assert R.same_images(dict(kept, images_sha256="a"), dict(fid=1.0, sfid=1.0, images_sha256="a"))
 
 
 def test_export_writes_one_file_per_width_that_a_new_folder_starts_from(tmp_path):
