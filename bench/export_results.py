@@ -24,6 +24,7 @@ def main(argv=None):
     parser.add_argument("--to", type=Path, required=True, help="the committed folder, e.g. bench/results/photos")
     parser.add_argument("--widths", default=None, help="comma-separated weight widths to export (default: every one)")
     parser.add_argument("--force", action="store_true", help="replace widths already committed in --to")
+    parser.add_argument("--no-tables", action="store_true", help="leave <to>/yardstick.md as it is")
     args = parser.parse_args(argv)
     folder = RunFolder(args.out)
     results = folder.load_results() if folder.results_path.is_file() else {}
@@ -54,7 +55,7 @@ def main(argv=None):
         tmp.write_text(json.dumps(export, indent=1))
         tmp.replace(target)
         print(f"wrote {target}: {len(mine)} runs, {len(export['search'])} search runs")
-    if (args.out / "results.md").is_file():
+    if (args.out / "results.md").is_file() and not args.no_tables:
         shutil.copyfile(args.out / "results.md", args.to / "yardstick.md")
         print(f"wrote {args.to / 'yardstick.md'}")
 

@@ -171,8 +171,8 @@ def test_fp_samples_made_again_must_be_those_the_kept_runs_were_paired_with(tmp_
         (other / "results.json").write_text(json.dumps(kept))
         proc = run_script("bench/reproduce.py", "--bits", 2, "--cells", "fp", "--num-images", 4, "--out", other, check=False)
         assert proc.returncode == 1 and "not those the kept runs were scored against" in proc.stderr, name
-        again = run_script("bench/reproduce.py", "--bits", 2, "--cells", "fp", "--num-images", 4, "--out", other, check=False)
-        assert again.returncode == 1, name  # a rerun checks again: the refused samples were not kept
+    again = run_script("bench/reproduce.py", "--bits", 2, "--cells", "fp", "--num-images", 4, "--out", other, check=False)
+    assert again.returncode == 1  # a rerun checks again: the refused samples were not kept
 
 
 def test_same_images_takes_digests_first_and_float_noise_in_fid_only_without_them():
@@ -198,6 +198,12 @@ def test_export_writes_one_file_per_width_that_a_new_folder_starts_from(tmp_path
         assert np.array_equal(committed.per_image(mine, "psnr"), folder.per_image(r, "psnr"))
     proc = run_script("bench/export_results.py", "--out", folder.out, "--to", to, check=False)
     assert proc.returncode == 2 and "already committed" in proc.stderr
+    (folder.out / "results.md").write_text("tables")
+    (to / "yardstick.md").write_text("committed tables")
+    run_script("bench/export_results.py", "--out", folder.out, "--to", to, "--force", "--no-tables")
+    assert (to / "yardstick.md").read_text() == "committed tables"
+    run_script("bench/export_results.py", "--out", folder.out, "--to", to, "--force")
+    assert (to / "yardstick.md").read_text() == "tables"
     out = tmp_path / "again"
     run_script("bench/reproduce.py", "--start-from", f"{to / 'w2a4_sweep.json'},{to / 'w3a4_sweep.json'}", "--bits", 2,
                "--cells", "baseline", "--plan", "--out", out)

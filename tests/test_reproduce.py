@@ -10,7 +10,7 @@ COMMITTED = ROOT / "bench" / "results" / "w2a4_sweep.json"
 
 def plan(tmp_path, *flags):
     out = run_script("bench/reproduce.py", "--plan", "--out", tmp_path / "out", *flags).stdout
-    return {m[0]: (float(m[1]), m[2]) for m in re.findall(r"^W\d+A\d+ (\w+): LoRA lr x([\d.]+), (.*)$", out, re.M)}
+    return {m[0]: (float(m[1]), m[2]) for m in re.findall(r"^W\d+A\d+ ([\w.]+): LoRA lr x([\d.]+), (.*)$", out, re.M)}
 
 
 def lowest_eps_mse(search, cell, wbits=2, iters=40, rule="both"):
