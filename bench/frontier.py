@@ -33,7 +33,6 @@ from bench import runs as R  # noqa: E402
 from models.paired import format_interval, interval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-WIDTH_LINES = ["ptq", "baseline", "omq", "trd", "mpqdm"]  # methods whose points are their widths
 
 
 def recount_key(folder, r):
@@ -89,15 +88,14 @@ def branch(cell):
     return "-"
 
 
-def lines(folder, results, iters):
-    """{label: [(cell, n)]}: each method's points, in order of bits."""
+def lines(folder, results):
+    """{label: [(cell, n)]}: each method's points. A cell is a line through its widths, but a budgeted
+    branch, whose line runs through its budgets at one width and starts at its cell without a branch."""
     cells = {(r["cell"], r["wbits"]) for r in results["runs"].values() if r.get("wbits")}
     out = {}
     for c, n in sorted(cells, key=lambda cn: (folder.order(cn[0]), cn[1])):
-        base = c.partition("_lr")[0].partition("_bpw")[0]
-        if c in WIDTH_LINES or c.startswith(("trd_lam", "mpqdm_lam")):
-            out.setdefault(folder.names[c].split(" (")[0], []).append((c, n))
-        elif "_bpw" in c:
+        if "_bpw" in c:
+            base = c.partition("_bpw")[0]
             init = c.rpartition("_")[2] if c.endswith(("_svd", "_loftq")) else folder.lowrank_init
             label = f"{folder.names[base].split(' (')[0]} + branches by budget on W{n} codes ({init})"
             out.setdefault(label, [(base, n)] if (base, n) in cells else []).append((c, n))
@@ -201,7 +199,7 @@ def main(argv=None):
         recount(folder, results, model, store)
 
     points, by_cell = {}, {}
-    for label, members in lines(folder, results, args.iters).items():
+    for label, members in lines(folder, results).items():
         for c, n in members:
             if (c, n) not in by_cell:
                 by_cell[c, n] = point(folder, results, store, c, n, args.iters)
