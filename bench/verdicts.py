@@ -30,6 +30,7 @@ VERDICTS = [
     ("the float rank-2 branch against the cold start", 2, "baseline_lr2", "baseline"),
     ("MPQ-DM against the baseline", 4, "mpqdm", "baseline"),
     ("OMQ only against the baseline", 4, "omq", "baseline"),
+    ("TRD under OMQ's bits: MPQ-DM against OMQ only", 4, "mpqdm", "omq"),
     ("distillation rescues uniform PTQ", 4, "baseline", "ptq"),
 ]
 

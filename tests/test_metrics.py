@@ -70,7 +70,7 @@ def test_two_different_sets_against_independent_references(sets, k):
     run_script("evaluate.py", tmp / "fake.npz", "--ref", tmp / "real.npz", "--k", k, "--is-splits", 4, "--block", 50,
                "--out", out)
     got = json.loads(out.read_text())
-    (rf, rp, rs), (ff, fp, fs) = features(real), features(fake)
+    (rf, _, rs), (ff, fp, fs) = features(real), features(fake)
     precision, recall = knn_coverage(rf, ff, k), knn_coverage(ff, rf, k)
     assert 0 < precision < 1 and 0 < recall < 1 and precision != recall  # not a degenerate case
     # float32 distances in evaluate.py against float64 here: at most one point on the border may differ
